@@ -1,0 +1,53 @@
+# The README's two set-up commands are `make baseline` and `make test`; each creates .venv and
+# installs what it needs on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch lies on local disk here; an unpinned torch would download a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+INSTALLED := $(VENV)/.installed
+
+.PHONY: help install test test-fast lint format baseline refserver calibrate client-capacity clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet '$(TORCH_SPEC)'
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(INSTALLED)  ## Create .venv and install the project with its dev tools
+
+lint: $(INSTALLED)  ## ruff (lint + format check) and mypy
+	$(BIN)/ruff check bench runtime tests benchmarks
+	$(BIN)/ruff format --check bench runtime tests benchmarks
+	$(BIN)/mypy bench runtime
+
+format: $(INSTALLED)  ## Apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix bench runtime tests benchmarks
+	$(BIN)/ruff format bench runtime tests benchmarks
+
+test: lint  ## Lint, then the whole test suite (fast tests first, then the slow end-to-end ones)
+	$(BIN)/python -m pytest -m 'not slow' -q
+	$(BIN)/python -m pytest -m slow -q
+
+test-fast: $(INSTALLED)  ## Only the fast tests
+	$(BIN)/python -m pytest -m 'not slow' -q
+
+baseline: $(INSTALLED)  ## The standard scenarios against the built-in reference server
+	$(BIN)/python -m bench -m scenario=short_qa,long_generation,concurrency target=refserver
+
+refserver: $(INSTALLED)  ## Serve the reference token schedule on 127.0.0.1:8000
+	$(BIN)/python -m bench.refserver
+
+calibrate: $(INSTALLED)  ## Measure the harness's own timing error against the reference server
+	$(BIN)/python -m bench.calibrate
+
+client-capacity: $(INSTALLED)  ## How many streams one client core sustains before its lag exceeds 1 ms
+	$(BIN)/python benchmarks/client_capacity.py
+
+clean:  ## Remove the virtual environment and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,287 @@
+"""Typed views of the Hydra config tree under scenarios/.
+
+The YAML files hold every default; this module only checks types and ranges and turns the
+loose DictConfig into frozen dataclasses, so a bad value is reported with its full key and
+what was expected instead of failing somewhere deep in a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+SCENARIOS_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+
+ENDPOINTS = ("completions", "chat")
+PROMPT_FORMATS = ("auto", "token_ids", "text")
+TARGET_KINDS = ("openai", "refserver")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and what is allowed."""
+
+
+def _fail(key: str, expected: str, value: object) -> ConfigError:
+    return ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _int(key: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(key, f"an integer >= {minimum}", value)
+    return value
+
+
+def _float(key: str, value: object, minimum: float = 0.0, strict: bool = True) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or (value <= minimum if strict else value < minimum):  # type: ignore[operator]
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise _fail(key, f"a number {bound}", value)
+    return float(value)  # type: ignore[arg-type]
+
+
+def _optional_float(key: str, value: object) -> float | None:
+    return None if value is None else _float(key, value)
+
+
+def _int_list(key: str, value: object) -> tuple[int, ...]:
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    if not items:
+        raise _fail(key, "an integer >= 1 or a non-empty list of them", value)
+    return tuple(_int(key, v) for v in items)
+
+
+def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise _fail(key, "one of " + ", ".join(allowed), value)
+    return str(value)
+
+
+def _str(key: str, value: object, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _fail(key, "a non-empty string" + (" or null" if optional else ""), value)
+    return value
+
+
+@dataclass(frozen=True)
+class LoadLevel:
+    """One (lengths, load) point of a scenario; each is run `repeats` times."""
+
+    index: int
+    input_tokens: int
+    output_tokens: int
+    concurrency: int | None  # closed loop: users; open loop: cap on in-flight (None = no cap)
+    request_rate: float | None  # None = closed loop
+
+    @property
+    def label(self) -> str:
+        load = f"c={self.concurrency}" if self.request_rate is None else f"{self.request_rate}/s"
+        return f"{self.input_tokens}/{self.output_tokens} {load}"
+
+
+@dataclass(frozen=True)
+class ScenarioConfig:
+    name: str
+    description: str
+    input_tokens: tuple[int, ...]
+    output_tokens: tuple[int, ...]
+    range_ratio: float
+    concurrency: tuple[int, ...]
+    request_rate: tuple[float, ...] | None
+    max_concurrency: int | None
+    burstiness: float
+    num_requests: int
+    repeats: int
+    warmup_requests: int
+
+    def shapes(self) -> list[tuple[int, int]]:
+        ins, outs = self.input_tokens, self.output_tokens
+        if len(ins) == 1:
+            ins = ins * len(outs)
+        if len(outs) == 1:
+            outs = outs * len(ins)
+        return list(zip(ins, outs, strict=True))
+
+    def levels(self) -> list[LoadLevel]:
+        loads: list[tuple[int | None, float | None]]
+        if self.request_rate is None:
+            loads = [(c, None) for c in self.concurrency]
+        else:
+            loads = [(self.max_concurrency, r) for r in self.request_rate]
+        return [
+            LoadLevel(i, inp, out, conc, rate)
+            for i, ((inp, out), (conc, rate)) in enumerate(
+                (shape, load) for shape in self.shapes() for load in loads
+            )
+        ]
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    kind: str
+    base_url: str | None  # None until a managed server is started
+    model: str | None  # None: the first model the server lists
+    endpoint: str
+    api_key: str | None
+    tokenizer: str | None
+    ignore_eos: bool
+    continuous_usage_stats: bool
+    extra_body: Mapping[str, Any]
+    server_args: Mapping[str, Any]
+    startup_timeout_s: float
+
+    @property
+    def managed(self) -> bool:
+        """Whether the harness starts (and stops) the server itself."""
+        return self.kind != "openai"
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    prompt_format: str
+    token_id_low: int
+    token_id_high: int
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    request_timeout_s: float
+    lag_threshold_ms: float
+    max_consecutive_connection_errors: int
+
+
+@dataclass(frozen=True)
+class SloConfig:
+    ttft_ms: float | None
+    tpot_ms: float | None
+    e2e_ms: float | None
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    scenario: ScenarioConfig
+    target: TargetConfig
+    workload: WorkloadConfig
+    client: ClientConfig
+    slo: SloConfig
+    results_dir: str
+    seed: int
+    progress: bool
+    telemetry_interval_s: float
+    resolved_yaml: str  # the whole resolved config, recorded with every run
+
+
+def _scenario(c: Mapping[str, Any]) -> ScenarioConfig:
+    k = "scenario."
+    rate = c["request_rate"]
+    rates: tuple[float, ...] | None = None
+    if rate is not None:
+        items = list(rate) if isinstance(rate, list | tuple) else [rate]
+        if not items:
+            raise _fail(k + "request_rate", "a number > 0, a list of them, or null", rate)
+        rates = tuple(_float(k + "request_rate", r) for r in items)
+    ins = _int_list(k + "input_tokens", c["input_tokens"])
+    outs = _int_list(k + "output_tokens", c["output_tokens"])
+    if len(ins) > 1 and len(outs) > 1 and len(ins) != len(outs):
+        raise ConfigError(
+            f"scenario.input_tokens and scenario.output_tokens are zipped into a length table "
+            f"and must have equal lengths (or one of them a single value); got {len(ins)} and "
+            f"{len(outs)}"
+        )
+    max_conc = c["max_concurrency"]
+    return ScenarioConfig(
+        name=str(_str(k + "name", c["name"])),
+        description=str(c.get("description") or ""),
+        input_tokens=ins,
+        output_tokens=outs,
+        range_ratio=_range_ratio(c["range_ratio"]),
+        concurrency=_int_list(k + "concurrency", c["concurrency"]),
+        request_rate=rates,
+        max_concurrency=None if max_conc is None else _int(k + "max_concurrency", max_conc),
+        burstiness=_float(k + "burstiness", c["burstiness"]),
+        num_requests=_int(k + "num_requests", c["num_requests"]),
+        repeats=_int(k + "repeats", c["repeats"]),
+        warmup_requests=_int(k + "warmup_requests", c["warmup_requests"], minimum=0),
+    )
+
+
+def _range_ratio(value: object) -> float:
+    ratio = _float("scenario.range_ratio", value, strict=False)
+    if ratio >= 1.0:
+        raise _fail("scenario.range_ratio", "a number in [0, 1)", value)
+    return ratio
+
+
+def _target(c: Mapping[str, Any]) -> TargetConfig:
+    k = "target."
+    kind = _choice(k + "kind", c["kind"], TARGET_KINDS)
+    base_url = _str(k + "base_url", c["base_url"], optional=kind != "openai")
+    if base_url is not None and not base_url.startswith(("http://", "https://")):
+        raise _fail(k + "base_url", "a URL starting with http:// or https://", base_url)
+    for flag in ("ignore_eos", "continuous_usage_stats"):
+        if not isinstance(c[flag], bool):
+            raise _fail(k + flag, "true or false", c[flag])
+    for table in ("extra_body", "server_args"):
+        if not isinstance(c[table], Mapping):
+            raise _fail(k + table, "a mapping, e.g. {temperature: 0}", c[table])
+    return TargetConfig(
+        kind=kind,
+        base_url=base_url.rstrip("/") if base_url else None,
+        model=_str(k + "model", c["model"], optional=True),
+        endpoint=_choice(k + "endpoint", c["endpoint"], ENDPOINTS),
+        api_key=_str(k + "api_key", c["api_key"], optional=True),
+        tokenizer=_str(k + "tokenizer", c["tokenizer"], optional=True),
+        ignore_eos=c["ignore_eos"],
+        continuous_usage_stats=c["continuous_usage_stats"],
+        extra_body=dict(c["extra_body"]),
+        server_args=dict(c["server_args"]),
+        startup_timeout_s=_float(k + "startup_timeout_s", c["startup_timeout_s"], strict=False),
+    )
+
+
+def from_hydra(cfg: DictConfig) -> BenchConfig:
+    """Validate the composed Hydra config and return its typed form."""
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(raw, dict)
+    w, cl, slo = raw["workload"], raw["client"], raw["slo"]
+    low = _int("workload.token_id_low", w["token_id_low"], minimum=0)
+    high = _int("workload.token_id_high", w["token_id_high"], minimum=low + 1)
+    return BenchConfig(
+        scenario=_scenario(raw["scenario"]),
+        target=_target(raw["target"]),
+        workload=WorkloadConfig(
+            prompt_format=_choice("workload.prompt_format", w["prompt_format"], PROMPT_FORMATS),
+            token_id_low=low,
+            token_id_high=high,
+        ),
+        client=ClientConfig(
+            request_timeout_s=_float("client.request_timeout_s", cl["request_timeout_s"]),
+            lag_threshold_ms=_float("client.lag_threshold_ms", cl["lag_threshold_ms"]),
+            max_consecutive_connection_errors=_int(
+                "client.max_consecutive_connection_errors", cl["max_consecutive_connection_errors"]
+            ),
+        ),
+        slo=SloConfig(
+            ttft_ms=_optional_float("slo.ttft_ms", slo["ttft_ms"]),
+            tpot_ms=_optional_float("slo.tpot_ms", slo["tpot_ms"]),
+            e2e_ms=_optional_float("slo.e2e_ms", slo["e2e_ms"]),
+        ),
+        results_dir=str(_str("results_dir", raw["results_dir"])),
+        seed=_int("seed", raw["seed"], minimum=0),
+        progress=bool(raw["progress"]),
+        telemetry_interval_s=_float("telemetry.interval_s", raw["telemetry"]["interval_s"]),
+        resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+    )
+
+
+def compose(*overrides: str) -> BenchConfig:
+    """The config `python -m bench OVERRIDES...` would run, for programmatic use."""
+    with initialize_config_dir(config_dir=str(SCENARIOS_DIR), version_base="1.3"):
+        return from_hydra(hydra_compose(config_name="config", overrides=list(overrides)))

@@ -1,0 +1,163 @@
+"""The rows the harness writes, as typed records with their Arrow schemas.
+
+docs/metrics.md documents every column; bump SCHEMA_VERSION with any change to them.
+Times named *_s are seconds on the monotonic clock, relative to the run's `monotonic_origin_s`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    schema_version: int
+    run_id: str
+    scenario: str
+    repeat: int  # -1 for warm-up requests, which are never written
+    level: int
+    input_tokens: int  # the workload's intended prompt length
+    output_tokens_requested: int
+    concurrency: int | None
+    request_rate: float | None
+    index: int
+    request_id: str  # sent as X-Request-Id, to join with server-side logs
+    ok: bool
+    error: str | None
+    error_message: str | None
+    http_status: int | None
+    prompt_tokens: int | None  # as the server's usage counted it
+    output_tokens: int | None
+    output_tokens_source: str | None
+    token_attribution: str | None
+    events: int  # token-bearing SSE events; < output_tokens when a server batches tokens
+    scheduled_s: float
+    sent_s: float
+    first_token_s: float | None
+    end_s: float
+    send_lag_ms: float
+    ttft_ms: float | None
+    tpot_ms: float | None
+    e2e_ms: float | None
+    ttft_from_scheduled_ms: float | None
+    e2e_from_scheduled_ms: float | None
+    itl_ms: list[float]
+    event_ms: list[float]  # arrival of each token-bearing event after the send
+    event_tokens: list[int]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One load level of one repeat: the unit that comparisons test."""
+
+    schema_version: int
+    run_id: str
+    scenario: str
+    repeat: int
+    level: int
+    input_tokens: int
+    output_tokens: int
+    concurrency: int | None
+    request_rate: float | None
+    status: str  # complete | partial
+    stopped_early: str | None
+    started_at: str  # ISO 8601, UTC
+    ended_at: str
+    monotonic_origin_s: float
+    duration_s: float
+    num_requests: int  # planned
+    sent: int
+    completed: int
+    failed: int
+    success_rate: float | None
+    errors_json: str  # {"refused": 3, ...}
+    total_input_tokens: int
+    total_output_tokens: int
+    output_throughput: float
+    request_throughput: float
+    total_token_throughput: float
+    goodput: float | None
+    ttft_ms_mean: float | None
+    ttft_ms_p50: float | None
+    ttft_ms_p90: float | None
+    ttft_ms_p99: float | None
+    tpot_ms_mean: float | None
+    tpot_ms_p50: float | None
+    tpot_ms_p90: float | None
+    tpot_ms_p99: float | None
+    itl_ms_mean: float | None
+    itl_ms_p50: float | None
+    itl_ms_p90: float | None
+    itl_ms_p99: float | None
+    e2e_ms_mean: float | None
+    e2e_ms_p50: float | None
+    e2e_ms_p90: float | None
+    e2e_ms_p99: float | None
+    ttft_from_scheduled_ms_p50: float | None
+    ttft_from_scheduled_ms_p99: float | None
+    e2e_from_scheduled_ms_p50: float | None
+    e2e_from_scheduled_ms_p99: float | None
+    send_lag_ms_p50: float | None
+    send_lag_ms_p99: float | None
+    loop_lag_ms_p50: float | None
+    loop_lag_ms_p99: float | None
+    loop_lag_ms_max: float | None
+    client_bound: bool
+    peak_gpu_memory_mib: list[float]  # per GPU index; empty without NVML
+    peak_gpu_memory_mib_total: float | None
+    peak_rss_mib: float | None  # managed server process tree, the CPU stand-in for VRAM
+    load_time_s: float | None  # managed server: spawn to first healthy response
+    target_kind: str
+    base_url: str
+    model: str
+    endpoint: str
+    workload_hash: str
+    config_hash: str
+    config_yaml: str
+    git_commit: str | None
+    git_dirty: bool | None
+    hardware_key: str
+    environment_json: str
+
+
+@dataclass(frozen=True)
+class TelemetryRecord:
+    schema_version: int
+    run_id: str
+    t_s: float  # relative to the run's monotonic origin
+    source: str  # gpu0, gpu1, ..., process (managed server tree), client
+    metric: str  # memory_used_mib, gpu_util_pct, rss_mib, loop_lag_ms
+    value: float
+
+
+# Annotations are strings (postponed evaluation); "X | None" columns are nullable in Arrow anyway.
+_ARROW_TYPES = {
+    "int": pa.int64(),
+    "float": pa.float64(),
+    "str": pa.string(),
+    "bool": pa.bool_(),
+    "list[float]": pa.list_(pa.float64()),
+    "list[int]": pa.list_(pa.int64()),
+}
+
+
+def _schema_of(record: type) -> pa.Schema:
+    return pa.schema(
+        (f.name, _ARROW_TYPES[str(f.type).removesuffix(" | None")])
+        for f in dataclasses.fields(record)
+    )
+
+
+REQUESTS_SCHEMA = _schema_of(RequestRecord)
+RUNS_SCHEMA = _schema_of(RunRecord)
+TELEMETRY_SCHEMA = _schema_of(TelemetryRecord)
+
+
+def to_table(rows: list[Any], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist([dataclasses.asdict(r) for r in rows], schema=schema)

@@ -1,0 +1,446 @@
+"""Reference OpenAI-compatible streaming server with an exactly known token schedule.
+
+Run it as ``python -m bench.refserver`` to calibrate the harness, and use it in tests to prove
+the harness's timing accuracy: the server knows when every token was due and when it actually
+left, so measured TTFT and ITL can be checked against truth rather than against another
+measurement.
+
+Schedule. The handler records ``received = time.monotonic()`` when it starts. Output token ``i``
+(0-based) is "generated" at ``received + ttft + i * itl``. Tokens leave in events of
+``k = --tokens-per-event``: event ``j`` carries tokens ``[j*k, min((j+1)*k, n))`` and is written,
+with one ``write`` call, when its last token is generated. Every wait sleeps until an absolute
+target time, so one late event never delays the ones after it; asyncio timers still fire up to
+about a millisecond late (epoll waits in whole milliseconds), plus scheduling noise, which is why
+the truth log records the actual times. Token ``i`` is the text ``f" t{i}"``. The server always
+emits exactly ``max_tokens`` tokens (default 16), ignoring EOS, stop strings and sampling
+parameters. A non-streaming request waits for the whole schedule and then answers in one piece.
+
+Prompt tokens are the length of a token-id prompt, or the number of whitespace-separated words
+of a text prompt (for chat, summed over the message contents).
+
+Truth log (``--log-file``, overwritten at start). One JSON object per line, flushed at once, for
+every request accepted (not answered with an error): ``request_id``, ``endpoint``, ``received``,
+``event_writes`` (``time.monotonic()`` immediately before each content event's write),
+``event_tokens`` (tokens in each of those events), ``prompt_tokens``, ``completion_tokens``
+(tokens actually written) and ``status`` ("ok", or "aborted" when the client went away or the
+server stopped). A non-streaming request logs one event holding all its tokens. On Linux
+``time.monotonic()`` is CLOCK_MONOTONIC, the clock behind ``time.perf_counter()`` in every
+process on the host, so a client on the same machine can join its own timestamps to these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from aiohttp import web
+
+DEFAULT_MAX_TOKENS = 16
+MAX_TOKENS_LIMIT = 1_000_000
+
+
+@dataclass(frozen=True)
+class RefServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 picks a free port
+    model: str = "refserver"
+    ttft_ms: float = 50.0
+    itl_ms: float = 10.0
+    tokens_per_event: int = 1
+    max_concurrency: int = 0  # 0 means unlimited
+    log_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens_per_event < 1:
+            raise ValueError("tokens_per_event must be at least 1")
+        if min(self.ttft_ms, self.itl_ms, self.max_concurrency) < 0:
+            raise ValueError("ttft_ms, itl_ms and max_concurrency must not be negative")
+
+
+@dataclass(frozen=True)
+class TruthRecord:
+    request_id: str
+    endpoint: str
+    received: float  # time.monotonic() when the handler started
+    event_writes: tuple[float, ...]  # time.monotonic() just before each content event's write
+    event_tokens: tuple[int, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    status: str  # "ok" | "aborted"
+
+    @property
+    def ttft_s(self) -> float:
+        if not self.event_writes:
+            raise ValueError(f"request {self.request_id} wrote no events")
+        return self.event_writes[0] - self.received
+
+    @property
+    def itl_s(self) -> list[float]:
+        """Per-token gaps, each event's gap shared evenly by the tokens it carried."""
+        gaps: list[float] = []
+        for j in range(1, len(self.event_writes)):
+            share = (self.event_writes[j] - self.event_writes[j - 1]) / self.event_tokens[j]
+            gaps.extend([share] * self.event_tokens[j])
+        return gaps
+
+
+def read_truth_log(path: str | Path) -> list[TruthRecord]:
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            raw = json.loads(line)
+            raw["event_writes"] = tuple(raw["event_writes"])
+            raw["event_tokens"] = tuple(raw["event_tokens"])
+            records.append(TruthRecord(**raw))
+    return records
+
+
+class _ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def response(self, headers: dict[str, str]) -> web.Response:
+        error = {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}
+        return web.json_response({"error": error}, status=self.status, headers=headers)
+
+
+@dataclass(frozen=True)
+class _Params:
+    chat: bool
+    prompt_tokens: int
+    max_tokens: int
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+
+
+def _count_prompt(prompt: object) -> int:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    count = 0
+    if isinstance(prompt, str):
+        count = len(prompt.split())
+    elif isinstance(prompt, list) and all(type(t) is int and t >= 0 for t in prompt):
+        count = len(prompt)
+    if count == 0:
+        message = "'prompt' must be a non-empty string or token-id list, or a list holding one."
+        raise _ApiError(400, message, "prompt")
+    return count
+
+
+def _count_messages(messages: object) -> int:
+    if not isinstance(messages, list) or not messages:
+        raise _ApiError(400, "'messages' must be a non-empty list.", "messages")
+    bad = _ApiError(400, "Each message must be an object with string content.", "messages")
+    words = 0
+    for message in messages:
+        if not isinstance(message, dict):
+            raise bad
+        content = message.get("content")
+        if isinstance(content, list):  # OpenAI content parts: only text parts carry words
+            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        if not isinstance(content, str | None):
+            raise bad
+        words += len((content or "").split())
+    return words
+
+
+def _parse(raw: bytes, chat: bool, model: str) -> _Params:
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise _ApiError(400, f"Request body is not valid JSON: {e}", None) from e
+    if not isinstance(body, dict):
+        raise _ApiError(400, "Request body must be a JSON object.", None)
+    if "model" not in body:
+        raise _ApiError(400, "Missing required parameter: 'model'.", "model")
+    if body["model"] != model:
+        raise _ApiError(
+            404, f"The model `{body['model']}` does not exist.", "model", "model_not_found"
+        )
+    if chat:
+        prompt_tokens = _count_messages(body.get("messages"))
+    else:
+        prompt_tokens = _count_prompt(body.get("prompt"))
+    key = "max_tokens"
+    if chat and body.get("max_completion_tokens") is not None:
+        key = "max_completion_tokens"
+    max_tokens = body.get(key)
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+    if type(max_tokens) is not int or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise _ApiError(400, f"'{key}' must be an integer from 1 to {MAX_TOKENS_LIMIT}.", key)
+    stream = body.get("stream")
+    if not isinstance(stream, bool | None):
+        raise _ApiError(400, "'stream' must be a boolean.", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise _ApiError(400, "'stream_options' must be an object.", "stream_options")
+    return _Params(
+        chat,
+        prompt_tokens,
+        max_tokens,
+        bool(stream),
+        options.get("include_usage") is True,
+        options.get("continuous_usage_stats") is True,
+    )
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+def _text(start: int, end: int) -> str:
+    return "".join(f" t{i}" for i in range(start, end))
+
+
+async def _sleep_until(target: float) -> None:
+    # Always yields, so a stream that has fallen behind cannot starve the others.
+    await asyncio.sleep(max(0.0, target - time.monotonic()))
+
+
+class _RefServer:
+    def __init__(self, cfg: RefServerConfig) -> None:
+        self.cfg = cfg
+        self.created = int(time.time())
+        self.in_flight = 0
+        self.log: TextIO | None = None
+
+    async def open_log(self, _app: web.Application) -> AsyncIterator[None]:
+        if self.cfg.log_file is None:
+            yield
+            return
+        with open(self.cfg.log_file, "w", encoding="utf-8") as log:
+            self.log = log
+            yield
+            self.log = None
+
+    async def health(self, _request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def models(self, _request: web.Request) -> web.Response:
+        card = {"id": self.cfg.model, "object": "model", "created": self.created}
+        card["owned_by"] = "bench"
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=True)
+
+    async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        received = time.monotonic()
+        headers = {"X-Request-Id": request.headers.get("X-Request-Id") or uuid.uuid4().hex}
+        limit = self.cfg.max_concurrency
+        if limit and self.in_flight >= limit:
+            message = f"Too many requests in flight (limit {limit})."
+            error = _ApiError(429, message, None, "rate_limit_exceeded", "rate_limit_error")
+            return error.response(headers)
+        # Counted before the body is read, so concurrent arrivals cannot all slip under the limit.
+        self.in_flight += 1
+        try:
+            params = _parse(await request.read(), chat, self.cfg.model)
+            return await self._generate(request, params, received, headers)
+        except _ApiError as e:
+            return e.response(headers)
+        finally:
+            self.in_flight -= 1
+
+    def _head(self, obj: str, cid: str, created: int) -> dict[str, Any]:
+        return {"id": cid, "object": obj, "created": created, "model": self.cfg.model}
+
+    def _chunk(self, p: _Params, cid: str, created: int, start: int, end: int) -> dict[str, Any]:
+        finish = "length" if end == p.max_tokens else None
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+        if p.chat:
+            choice["delta"] = {"content": _text(start, end)}
+            if start == 0:
+                choice["delta"] = {"role": "assistant", **choice["delta"]}
+        else:
+            choice["text"] = _text(start, end)
+        obj = "chat.completion.chunk" if p.chat else "text_completion"
+        body = {**self._head(obj, cid, created), "choices": [choice]}
+        if p.continuous_usage:
+            body["usage"] = _usage(p.prompt_tokens, end)
+        return body
+
+    def _completion(self, p: _Params, cid: str, created: int) -> dict[str, Any]:
+        text = _text(0, p.max_tokens)
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "length"}
+        if p.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        body = self._head("chat.completion" if p.chat else "text_completion", cid, created)
+        return {**body, "choices": [choice], "usage": _usage(p.prompt_tokens, p.max_tokens)}
+
+    async def _generate(
+        self, request: web.Request, p: _Params, received: float, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        ttft, itl = self.cfg.ttft_ms / 1e3, self.cfg.itl_ms / 1e3
+        n, k = p.max_tokens, self.cfg.tokens_per_event
+        request_id = headers["X-Request-Id"]
+        cid, created = f"{'chatcmpl' if p.chat else 'cmpl'}-{request_id}", int(time.time())
+        response: web.StreamResponse
+        if p.stream:
+            sse_headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            response = web.StreamResponse(headers={**headers, **sse_headers})
+        else:
+            response = web.json_response(self._completion(p, cid, created), headers=headers)
+        writes: list[float] = []
+        tokens: list[int] = []
+        status = "aborted"
+        try:
+            with contextlib.suppress(ConnectionResetError):  # the client went away
+                if p.stream:
+                    await response.prepare(request)
+                    for start in range(0, n, k):
+                        end = min(start + k, n)
+                        # Serialised before the wait so that the write follows the wake-up.
+                        chunk = _sse(self._chunk(p, cid, created, start, end))
+                        await _sleep_until(received + ttft + (end - 1) * itl)
+                        written = time.monotonic()
+                        await response.write(chunk)
+                        writes.append(written)
+                        tokens.append(end - start)
+                    # One write for the tail: every send() costs the shared loop time that
+                    # other requests' arrivals wait for.
+                    tail = b"data: [DONE]\n\n"
+                    if p.include_usage:
+                        obj = "chat.completion.chunk" if p.chat else "text_completion"
+                        usage = {"choices": [], "usage": _usage(p.prompt_tokens, n)}
+                        tail = _sse({**self._head(obj, cid, created), **usage}) + tail
+                    await response.write(tail)
+                    await response.write_eof()
+                else:
+                    await _sleep_until(received + ttft + (n - 1) * itl)
+                    written = time.monotonic()
+                    await response.prepare(request)
+                    await response.write_eof()
+                    writes.append(written)
+                    tokens.append(n)
+                status = "ok"
+        finally:  # also on cancellation, so aborted requests reach the log
+            self._log(
+                TruthRecord(
+                    request_id,
+                    request.path,
+                    received,
+                    tuple(writes),
+                    tuple(tokens),
+                    p.prompt_tokens,
+                    sum(tokens),
+                    status,
+                )
+            )
+        return response
+
+    def _log(self, record: TruthRecord) -> None:
+        if self.log is not None:
+            # vars(), not asdict(): asdict deep-copies and was a fifth of the handler's time.
+            self.log.write(json.dumps(vars(record)) + "\n")
+            self.log.flush()
+
+
+def build_app(cfg: RefServerConfig) -> web.Application:
+    server = _RefServer(cfg)
+    # Token-id prompts for long-context benchmarks overflow aiohttp's 1 MiB default body limit.
+    app = web.Application(client_max_size=256 * 2**20)
+    app.cleanup_ctx.append(server.open_log)
+    app.router.add_get("/health", server.health)
+    app.router.add_get("/v1/models", server.models)
+    app.router.add_post("/v1/completions", server.completions)
+    app.router.add_post("/v1/chat/completions", server.chat_completions)
+    return app
+
+
+async def _serve(cfg: RefServerConfig) -> None:
+    # Cancelling handlers on disconnect ends abandoned streams at once instead of at their next
+    # write; the short shutdown timeout likewise ends in-flight streams on SIGTERM (logged
+    # "aborted") rather than draining synthetic work for up to a minute.
+    runner = web.AppRunner(
+        build_app(cfg), access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+    )
+    await runner.setup()
+    try:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await web.TCPSite(runner, cfg.host, cfg.port).start()
+        port = runner.addresses[0][1]
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        print(f"READY http://{host}:{port}", flush=True)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _parse_args(argv: list[str] | None) -> RefServerConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.refserver",
+        description=(
+            "Reference OpenAI-compatible streaming server with an exactly known token schedule, "
+            "for calibrating the benchmark harness and testing its timing accuracy. Token i of "
+            "every response is due at arrival + ttft + i*itl; with --log-file the server records "
+            "when each event was actually written (time.monotonic()), so a client's measured TTFT "
+            "and ITL can be compared with the truth. Prints 'READY http://HOST:PORT' once "
+            "listening."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one")
+    parser.add_argument("--model", default="refserver", help="the only model id served")
+    parser.add_argument("--ttft-ms", type=float, default=50.0, help="time to the first token")
+    parser.add_argument("--itl-ms", type=float, default=10.0, help="gap between later tokens")
+    parser.add_argument(
+        "--tokens-per-event", type=int, default=1, help="tokens flushed together in one SSE event"
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=0,
+        help="answer 429 while this many requests are in flight; 0 means unlimited",
+    )
+    parser.add_argument(
+        "--log-file", type=Path, help="write a JSONL truth log of every request's event times"
+    )
+    try:
+        return RefServerConfig(**vars(parser.parse_args(argv)))
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(_serve(_parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""One benchmark run: target up, warm-up, every repeat of every load level, records down.
+
+Repeats are the outer loop (repeat 0 of every level, then repeat 1, ...), so slow drift of the
+machine spreads over all levels instead of biasing the last one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+
+from bench import client, environment, metrics, workload
+from bench.config import BenchConfig, LoadLevel
+from bench.load import LagMonitor, LevelOutcome, run_level
+from bench.progress import LiveProgress
+from bench.records import SCHEMA_VERSION, RequestRecord, RunRecord, TelemetryRecord
+from bench.store import RunStore
+from bench.targets import Server, serve
+from bench.telemetry import Sample, Sampler
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+
+
+class WarmupError(RuntimeError):
+    """Every warm-up request failed: the measured run would only record failures."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    status: str  # complete | partial
+    reason: str | None  # why a partial run stopped
+    runs: list[RunRecord]
+    requests: list[RequestRecord]
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
+
+
+def _record(
+    r: client.RequestResult,
+    spec: workload.RequestSpec,
+    level: LoadLevel,
+    repeat: int,
+    run_id: str,
+    scenario: str,
+    origin_s: float,
+) -> RequestRecord:
+    first = r.first_token_s
+    n_out = r.output_tokens or 0
+    tpot = (r.end_s - first) / (n_out - 1) if r.ok and first is not None and n_out > 1 else None
+    return RequestRecord(
+        schema_version=SCHEMA_VERSION,
+        run_id=run_id,
+        scenario=scenario,
+        repeat=repeat,
+        level=level.index,
+        input_tokens=spec.input_tokens,
+        output_tokens_requested=spec.output_tokens,
+        concurrency=level.concurrency,
+        request_rate=level.request_rate,
+        index=spec.index,
+        request_id=r.request_id,
+        ok=r.ok,
+        error=r.error,
+        error_message=r.error_message,
+        http_status=r.http_status,
+        prompt_tokens=r.prompt_tokens,
+        output_tokens=r.output_tokens,
+        output_tokens_source=r.output_tokens_source,
+        token_attribution=r.token_attribution,
+        events=len(r.event_s),
+        scheduled_s=r.scheduled_s - origin_s,
+        sent_s=r.sent_s - origin_s,
+        first_token_s=None if first is None else first - origin_s,
+        end_s=r.end_s - origin_s,
+        send_lag_ms=(r.sent_s - r.scheduled_s) * 1000.0,
+        ttft_ms=_ms(None if first is None else first - r.sent_s),
+        tpot_ms=_ms(tpot),
+        e2e_ms=_ms(r.end_s - r.sent_s) if r.ok else None,
+        ttft_from_scheduled_ms=_ms(None if first is None else first - r.scheduled_s),
+        e2e_from_scheduled_ms=_ms(r.end_s - r.scheduled_s) if r.ok else None,
+        itl_ms=[g * 1000.0 for g in r.itl_s()],
+        event_ms=[(t - r.sent_s) * 1000.0 for t in r.event_s],
+        event_tokens=r.event_tokens,
+    )
+
+
+def _workload_hash(cfg: BenchConfig, digest: str) -> str:
+    t = cfg.target
+    request_shape = [digest, t.endpoint, t.ignore_eos, dict(t.extra_body)]
+    return hashlib.sha256(json.dumps(request_shape, sort_keys=True).encode()).hexdigest()
+
+
+def _tokenizer(path: str | None) -> workload.Tokenizer | None:
+    if path is None:
+        return None
+    from transformers import AutoTokenizer  # heavy import, only when a tokenizer is configured
+
+    tok: workload.Tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)  # type: ignore[assignment]
+    return tok
+
+
+class _Run:
+    """The state shared by the levels of one run."""
+
+    def __init__(self, cfg: BenchConfig, server: Server, sampler: Sampler) -> None:
+        self.cfg, self.server, self.sampler = cfg, server, sampler
+        self.tokenizer = _tokenizer(cfg.target.tokenizer)
+        text = cfg.workload.prompt_format == "text" or (
+            cfg.workload.prompt_format == "auto" and cfg.target.endpoint == "chat"
+        )
+        self.workload = workload.build(cfg.scenario, cfg.workload, cfg.seed, text, self.tokenizer)
+        self.workload_hash = _workload_hash(cfg, self.workload.digest)
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        self.run_id = f"{stamp}-{cfg.scenario.name}-{uuid.uuid4().hex[:6]}"
+        self.store = RunStore(cfg.results_dir, self.run_id)
+        self.env = environment.fingerprint(REPO_DIR)
+        self.origin_s = time.perf_counter()
+        self.target = dataclasses.replace(cfg.target, base_url=server.base_url, model=server.model)
+
+    async def send(
+        self, session: aiohttp.ClientSession, spec: workload.RequestSpec, at: float
+    ) -> client.RequestResult:
+        return await client.send(session, self.target, self.server.model, spec, at, self.tokenizer)
+
+    def run_record(
+        self,
+        level: LoadLevel,
+        repeat: int,
+        outcome: LevelOutcome,
+        requests: list[RequestRecord],
+        lag: LagMonitor,
+        mark: int,
+    ) -> RunRecord:
+        cfg = self.cfg
+        m = metrics.summarize(requests, outcome.ended_s - outcome.started_s, cfg.slo)
+        lag_ms = metrics.Distribution.of([s * 1000.0 for _, s in lag.samples])
+        peaks = self.sampler.peaks_since(mark)
+        gpus = sorted(
+            (int(k[3:].split(".")[0]), v) for k, v in peaks.items() if k.startswith("gpu")
+        )
+        started = datetime.now(UTC).timestamp() - (time.perf_counter() - outcome.started_s)
+        ended = started + (outcome.ended_s - outcome.started_s)
+        lag_max = max((s for _, s in lag.samples), default=None)
+        d = {
+            f"{name}_{stat}": getattr(getattr(m, name), stat)
+            for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
+            for stat in ("mean", "p50", "p90", "p99")
+        }
+        return RunRecord(
+            schema_version=SCHEMA_VERSION,
+            run_id=self.run_id,
+            scenario=cfg.scenario.name,
+            repeat=repeat,
+            level=level.index,
+            input_tokens=level.input_tokens,
+            output_tokens=level.output_tokens,
+            concurrency=level.concurrency,
+            request_rate=level.request_rate,
+            status="partial" if outcome.stopped_early else "complete",
+            stopped_early=outcome.stopped_early,
+            started_at=datetime.fromtimestamp(started, UTC).isoformat(),
+            ended_at=datetime.fromtimestamp(ended, UTC).isoformat(),
+            monotonic_origin_s=self.origin_s,
+            duration_s=m.duration_s,
+            num_requests=cfg.scenario.num_requests,
+            sent=m.sent,
+            completed=m.completed,
+            failed=m.failed,
+            success_rate=m.success_rate,
+            errors_json=json.dumps(m.errors, sort_keys=True),
+            total_input_tokens=m.total_input_tokens,
+            total_output_tokens=m.total_output_tokens,
+            output_throughput=m.output_throughput,
+            request_throughput=m.request_throughput,
+            total_token_throughput=m.total_token_throughput,
+            goodput=m.goodput,
+            **d,
+            ttft_from_scheduled_ms_p50=m.ttft_from_scheduled_ms.p50,
+            ttft_from_scheduled_ms_p99=m.ttft_from_scheduled_ms.p99,
+            e2e_from_scheduled_ms_p50=m.e2e_from_scheduled_ms.p50,
+            e2e_from_scheduled_ms_p99=m.e2e_from_scheduled_ms.p99,
+            send_lag_ms_p50=m.send_lag_ms.p50,
+            send_lag_ms_p99=m.send_lag_ms.p99,
+            loop_lag_ms_p50=lag_ms.p50,
+            loop_lag_ms_p99=lag_ms.p99,
+            loop_lag_ms_max=None if lag_max is None else lag_max * 1000.0,
+            client_bound=(lag_ms.p99 or 0.0) > cfg.client.lag_threshold_ms,
+            peak_gpu_memory_mib=[v for _, v in gpus],
+            peak_gpu_memory_mib_total=sum(v for _, v in gpus) if gpus else None,
+            peak_rss_mib=peaks.get("process.rss_mib"),
+            load_time_s=self.server.load_time_s,
+            target_kind=cfg.target.kind,
+            base_url=self.server.base_url,
+            model=self.server.model,
+            endpoint=cfg.target.endpoint,
+            workload_hash=self.workload_hash,
+            config_hash=hashlib.sha256(cfg.resolved_yaml.encode()).hexdigest()[:16],
+            config_yaml=cfg.resolved_yaml,
+            git_commit=self.env.git_commit,
+            git_dirty=self.env.git_dirty,
+            hardware_key=self.env.hardware_key(),
+            environment_json=self.env.to_json(),
+        )
+
+    def telemetry_samples(self, samples: list[Sample]) -> None:
+        self.store.telemetry.extend(
+            TelemetryRecord(
+                SCHEMA_VERSION, self.run_id, s.t_s - self.origin_s, s.source, s.metric, s.value
+            )
+            for s in samples
+        )
+
+    def telemetry_lag(self, lag: LagMonitor) -> None:
+        self.store.telemetry.extend(
+            TelemetryRecord(
+                SCHEMA_VERSION, self.run_id, t - self.origin_s, "client", "loop_lag_ms", v * 1e3
+            )
+            for t, v in lag.samples
+        )
+
+
+async def _warmup(run: _Run, session: aiohttp.ClientSession) -> None:
+    specs = run.workload.warmup
+    if not specs:
+        return
+    users = min(len(specs), max(lv.concurrency or 1 for lv in run.cfg.scenario.levels()))
+    level = LoadLevel(-1, specs[0].input_tokens, specs[0].output_tokens, users, None)
+    failures: list[client.RequestResult] = []
+
+    def keep(_: workload.RequestSpec, r: client.RequestResult) -> None:
+        if not r.ok:
+            failures.append(r)
+
+    send = functools.partial(run.send, session)
+    limit = run.cfg.client.max_consecutive_connection_errors
+    await run_level(send, specs, level, keep, limit)
+    if len(failures) == len(specs):
+        first = failures[0]
+        status = f"HTTP {first.http_status}: " if first.http_status else ""
+        raise WarmupError(
+            f"all {len(specs)} warm-up requests failed ({first.error}: {status}"
+            f"{first.error_message}). Check target.model and target.endpoint, and whether the "
+            "server accepts ignore_eos (else target.ignore_eos=false) and continuous usage "
+            "stats (else target.continuous_usage_stats=false)."
+        )
+
+
+async def _level(
+    run: _Run,
+    session: aiohttp.ClientSession,
+    level: LoadLevel,
+    repeat: int,
+    progress: LiveProgress,
+) -> LevelOutcome:
+    specs = run.workload.batches[level.index, repeat]
+    requests: list[RequestRecord] = []
+
+    def keep(spec: workload.RequestSpec, r: client.RequestResult) -> None:
+        rec = _record(r, spec, level, repeat, run.run_id, run.cfg.scenario.name, run.origin_s)
+        requests.append(rec)
+        run.store.requests.append(rec)  # on disk at the next flush, even if the level dies
+        progress.request_done(r.ok)
+
+    lag, mark = LagMonitor(), run.sampler.mark()
+    lag_task = asyncio.create_task(lag.run())
+    send = functools.partial(run.send, session)
+    limit = run.cfg.client.max_consecutive_connection_errors
+    try:
+        outcome = await run_level(send, specs, level, keep, limit)
+    finally:
+        lag_task.cancel()
+        run.telemetry_lag(lag)
+    run.store.runs.append(run.run_record(level, repeat, outcome, requests, lag, mark))
+    return outcome
+
+
+async def _measure(run: _Run, progress: LiveProgress) -> str | None:
+    """Run every level of every repeat; returns why it stopped early, or None."""
+    sc = run.cfg.scenario
+    levels = sc.levels()
+    biggest = max((lv.concurrency or 0 for lv in levels), default=0) or None
+    async with client.session(biggest, run.cfg.client.request_timeout_s) as session:
+        await _warmup(run, session)
+        for repeat in range(sc.repeats):
+            for level in levels:
+                progress.start_level(
+                    f"rep {repeat + 1}/{sc.repeats}  {level.label}", sc.num_requests
+                )
+                outcome = await _level(run, session, level, repeat, progress)
+                run.store.flush()
+                code = run.server.exit_code()
+                if code is not None:
+                    return f"the server exited with code {code}"
+                if outcome.stopped_early:
+                    return outcome.stopped_early
+    return None
+
+
+def run(cfg: BenchConfig) -> RunResult:
+    """Run the configured scenario against the configured target; see the module docstring."""
+    levels = cfg.scenario.levels()
+    total = len(levels) * cfg.scenario.repeats * cfg.scenario.num_requests
+    with serve(cfg.target) as server:
+        pids = [server.process.pid] if server.process else []
+        with Sampler(cfg.telemetry_interval_s, pids) as sampler:
+            state = _Run(cfg, server, sampler)
+            reason: str | None = "interrupted"
+            try:
+                with LiveProgress(total, cfg.progress) as progress:
+                    progress.log(f"run {state.run_id} -> {state.store.dir}")
+                    reason = asyncio.run(_measure(state, progress))
+            finally:
+                sampler.stop()
+                state.telemetry_samples(sampler.samples())
+                state.store.flush()
+    return RunResult(
+        state.store.dir,
+        "complete" if reason is None else "partial",
+        reason,
+        state.store.runs,
+        state.store.requests,
+    )

@@ -1,0 +1,74 @@
+"""Parquet files of one run under DIR/<run_id>/: requests, runs and telemetry.
+
+The store rewrites each file whole after every load level, through a temporary file and an
+atomic rename: at any moment every file on disk is complete and readable, so a crash of the
+server (or of the harness between levels) loses nothing that had finished.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bench.records import (
+    REQUESTS_SCHEMA,
+    RUNS_SCHEMA,
+    SCHEMA_VERSION,
+    TELEMETRY_SCHEMA,
+    RequestRecord,
+    RunRecord,
+    TelemetryRecord,
+    to_table,
+)
+
+_METADATA = {b"bench.schema_version": str(SCHEMA_VERSION).encode()}
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table.replace_schema_metadata(_METADATA), tmp)
+    os.replace(tmp, path)
+
+
+class RunStore:
+    def __init__(self, results_dir: str | Path, run_id: str) -> None:
+        self.dir = Path(results_dir) / run_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.requests: list[RequestRecord] = []
+        self.runs: list[RunRecord] = []
+        self.telemetry: list[TelemetryRecord] = []
+
+    def flush(self) -> None:
+        _write_atomic(to_table(self.requests, REQUESTS_SCHEMA), self.dir / "requests.parquet")
+        _write_atomic(to_table(self.runs, RUNS_SCHEMA), self.dir / "runs.parquet")
+        _write_atomic(to_table(self.telemetry, TELEMETRY_SCHEMA), self.dir / "telemetry.parquet")
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    requests: pd.DataFrame
+    runs: pd.DataFrame
+    telemetry: pd.DataFrame
+
+
+def load(run_dir: str | Path) -> StoredRun:
+    """Read a run back; refuses files written under another schema version."""
+    run_dir = Path(run_dir)
+    frames: dict[str, Any] = {}
+    for name in ("requests", "runs", "telemetry"):
+        path = run_dir / f"{name}.parquet"
+        meta = pq.read_schema(path).metadata or {}
+        version = meta.get(b"bench.schema_version", b"?").decode()
+        if version != str(SCHEMA_VERSION):
+            raise ValueError(
+                f"{path} has schema version {version}; this harness reads version "
+                f"{SCHEMA_VERSION} (docs/metrics.md lists the changes)"
+            )
+        frames[name] = pd.read_parquet(path)
+    return StoredRun(**frames)

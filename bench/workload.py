@@ -1,0 +1,154 @@
+"""Deterministic request workloads: prompts of exact token lengths and arrival schedules.
+
+Everything here is a pure function of the seed and the scenario, so two runs (an A/B pair, or
+the same command next week) send byte-identical work; `Workload.digest` proves it.
+Prompts depend on (seed, repeat, input and output length) but not on the load level, so every
+concurrency of a sweep is served the same prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from bench.config import LoadLevel, ScenarioConfig, WorkloadConfig
+
+# Common English words that are one token (with their leading space) in the GPT-2, Llama and
+# Qwen vocabularies: the fallback for text prompts when no tokenizer is configured.
+_WORDS = (  # noqa: SIM905 (a word list reads better as text)
+    "the of and to in is was for on that with as by at from his it an were are which this be "
+    "or has had not first one their its new after but who they have her she two been other "
+    "when there all during into school time may years more most only over city some world "
+    "would where later up such used many can state about national out known university "
+    "united then made team these him year part music film three new game also well while "
+    "back"
+).split()
+_WARMUP_REPEAT = -1
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    index: int
+    prompt: list[int] | str
+    input_tokens: int  # intended length; the server's usage reports what it really counted
+    output_tokens: int
+    offset_s: float  # open loop: send time after the level's start; closed loop: 0
+
+
+@dataclass(frozen=True)
+class Workload:
+    warmup: list[RequestSpec]
+    batches: dict[tuple[int, int], list[RequestSpec]]  # (level index, repeat) -> requests
+    digest: str  # sha256 over every prompt, length and send offset, in order
+
+
+def _token_prompt(rng: np.random.Generator, n: int, cfg: WorkloadConfig) -> list[int]:
+    return [int(t) for t in rng.integers(cfg.token_id_low, cfg.token_id_high, size=n)]
+
+
+def _text_prompt(
+    rng: np.random.Generator, n: int, cfg: WorkloadConfig, tokenizer: Tokenizer | None
+) -> str:
+    if tokenizer is None:
+        return " ".join(_WORDS[i] for i in rng.integers(0, len(_WORDS), size=n))
+    # Decoding random ids and encoding again rarely round-trips to the same length (merges
+    # across the seams); trim or pad with fresh ids until it does, as vLLM's random dataset.
+    ids = _token_prompt(rng, n, cfg)
+    for _ in range(16):
+        text = tokenizer.decode(ids)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) == n:
+            return text
+        ids = ids[:n] if len(ids) > n else ids + _token_prompt(rng, n - len(ids), cfg)
+    return tokenizer.decode(ids[:n])
+
+
+def _lengths(rng: np.random.Generator, n: int, mean: int, ratio: float) -> list[int]:
+    if ratio == 0.0:
+        return [mean] * n
+    low, high = max(1, round(mean * (1 - ratio))), round(mean * (1 + ratio))
+    return [int(x) for x in rng.integers(low, high + 1, size=n)]
+
+
+def _offsets(
+    rng: np.random.Generator, n: int, rate: float | None, burstiness: float
+) -> list[float]:
+    if rate is None:
+        return [0.0] * n
+    # Gamma gaps with mean 1/rate; shape 1 is exponential, i.e. Poisson arrivals.
+    gaps = rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n)
+    gaps[0] = 0.0
+    return [float(x) for x in np.cumsum(gaps)]
+
+
+def build(
+    scenario: ScenarioConfig,
+    cfg: WorkloadConfig,
+    seed: int,
+    text: bool,
+    tokenizer: Tokenizer | None = None,
+) -> Workload:
+    """Every request of a scenario, warm-up first, in the order they will be sent."""
+
+    def specs(repeat: int, n: int, inp: int, out: int, offs: list[float]) -> list[RequestSpec]:
+        rng = np.random.default_rng([seed, repeat + 1, inp, out])
+        ins, outs = (
+            _lengths(rng, n, inp, scenario.range_ratio),
+            _lengths(rng, n, out, scenario.range_ratio),
+        )
+        return [
+            RequestSpec(
+                i,
+                _text_prompt(rng, ins[i], cfg, tokenizer)
+                if text
+                else _token_prompt(rng, ins[i], cfg),
+                ins[i],
+                outs[i],
+                offs[i],
+            )
+            for i in range(n)
+        ]
+
+    first = scenario.levels()[0]
+    n_warm = scenario.warmup_requests
+    warmup = specs(_WARMUP_REPEAT, n_warm, first.input_tokens, first.output_tokens, [0.0] * n_warm)
+    batches: dict[tuple[int, int], list[RequestSpec]] = {}
+    for level in scenario.levels():
+        for repeat in range(scenario.repeats):
+            n = scenario.num_requests
+            arrival_rng = np.random.default_rng([seed, repeat + 1, level.index, 7])
+            offs = _offsets(arrival_rng, n, level.request_rate, scenario.burstiness)
+            batches[level.index, repeat] = specs(
+                repeat, n, level.input_tokens, level.output_tokens, offs
+            )
+    return Workload(warmup, batches, _digest(scenario.levels(), warmup, batches))
+
+
+def _digest(
+    levels: list[LoadLevel],
+    warmup: list[RequestSpec],
+    batches: dict[tuple[int, int], list[RequestSpec]],
+) -> str:
+    h = hashlib.sha256()
+
+    def feed(tag: object, reqs: list[RequestSpec]) -> None:
+        h.update(json.dumps(tag).encode())
+        for r in reqs:
+            row = [r.prompt, r.input_tokens, r.output_tokens, round(r.offset_s, 6)]
+            h.update(json.dumps(row, separators=(",", ":")).encode())
+
+    feed("warmup", warmup)
+    for level in levels:
+        for (index, repeat), reqs in batches.items():
+            if index == level.index:
+                feed([level.concurrency, level.request_rate, repeat], reqs)
+    return h.hexdigest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import hydra
@@ -12,8 +11,6 @@ from bench.config import ConfigError, from_hydra
 from bench.runner import WarmupError, run
 from bench.summary import print_summary
 from bench.targets import TargetError
-
-log = logging.getLogger("bench")
 
 # Exit codes: 0 complete; 1 partial (the server died or the run was interrupted; what finished
 # is on disk); 2 nothing was measured (bad config, unreachable server, all warm-up failed).
@@ -26,13 +23,15 @@ def main(cfg: DictConfig) -> None:
         bench_cfg = from_hydra(cfg)
         result = run(bench_cfg)
     except (ConfigError, TargetError, WarmupError) as exc:
-        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_UNUSABLE)
     print_summary(result.runs, result.requests, bench_cfg.slo)
     print(f"results: {result.run_dir}")
     if result.status != "complete":
-        log.error(
-            "run is partial: %s. Every finished request is in %s.", result.reason, result.run_dir
+        print(
+            f"error: run is partial: {result.reason}. Every finished request is in "
+            f"{result.run_dir}.",
+            file=sys.stderr,
         )
         sys.exit(EXIT_PARTIAL)
 

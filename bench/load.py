@@ -17,9 +17,13 @@ from bench.config import LoadLevel
 from bench.workload import RequestSpec
 
 Send = Callable[[RequestSpec, float], Awaitable[RequestResult]]
-# asyncio rounds timer waits up to whole milliseconds (epoll's resolution); sleeping until this
-# close to a send time and then yielding until it arrives keeps send lag well under 1 ms.
-_SPIN_S = 0.0015
+# asyncio rounds timer waits up to whole milliseconds (epoll's resolution), and a process that
+# sleeps may be woken late; sleeping until this close to a send time and then yielding until it
+# arrives keeps the process awake for the deadline.
+_SPIN_S = 0.004
+# Each open-loop request's task is started this early and waits out its own send time, so no
+# task-creation hop (a full pass of the event loop) lies between the deadline and the send.
+_LEAD_S = 0.005
 
 
 class LagMonitor:
@@ -106,7 +110,8 @@ async def run_level(
     else:
         cap = asyncio.Semaphore(level.concurrency) if level.concurrency else None
 
-        async def capped(spec: RequestSpec, scheduled_s: float) -> None:
+        async def scheduled(spec: RequestSpec, scheduled_s: float) -> None:
+            await _until(scheduled_s)
             if cap is None:
                 await one(spec, scheduled_s)
                 return
@@ -118,8 +123,8 @@ async def run_level(
             if abort.reason:
                 break
             scheduled_s = out.started_s + spec.offset_s
-            await _until(scheduled_s)
-            tasks.append(asyncio.create_task(capped(spec, scheduled_s)))
+            await asyncio.sleep(max(0.0, scheduled_s - _LEAD_S - time.perf_counter()))
+            tasks.append(asyncio.create_task(scheduled(spec, scheduled_s)))
         await asyncio.gather(*tasks)
     out.ended_s = time.perf_counter()
     out.stopped_early = abort.reason

@@ -6,17 +6,25 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 
+@dataclass(frozen=True)
+class RefServer:
+    url: str
+    truth_log: Path
+    process: subprocess.Popen[str]
+
+
 @pytest.fixture
-def refserver(tmp_path: Path) -> Iterator[Callable[..., tuple[str, Path]]]:
-    """Start reference servers: refserver(--itl-ms=10, ...) -> (base_url, truth log path)."""
+def refserver(tmp_path: Path) -> Iterator[Callable[..., RefServer]]:
+    """Start reference servers: refserver("--itl-ms", "10", ...) -> RefServer."""
     procs: list[subprocess.Popen[str]] = []
 
-    def start(*args: str) -> tuple[str, Path]:
+    def start(*args: str) -> RefServer:
         log = tmp_path / f"truth-{len(procs)}.jsonl"
         cmd = [sys.executable, "-m", "bench.refserver", "--port", "0", "--log-file", str(log)]
         proc = subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, text=True)
@@ -25,9 +33,9 @@ def refserver(tmp_path: Path) -> Iterator[Callable[..., tuple[str, Path]]]:
         line = proc.stdout.readline()
         match = re.match(r"READY (http://\S+)", line)
         assert match, f"refserver did not start: {line!r}"
-        return match.group(1), log
+        return RefServer(match.group(1), log, proc)
 
     yield start
     for proc in procs:
-        proc.terminate()
+        proc.kill()
         proc.wait(timeout=10)

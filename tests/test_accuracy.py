@@ -1,0 +1,42 @@
+"""The harness against the reference server's truth log (docs/metrics.md, error budget).
+
+Tolerances are the issue's acceptance bounds. The error is split exactly into uplink (client
+send to server handler start) and downlink (server write to client timestamp); see
+bench/calibrate.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import calibrate
+
+pytestmark = pytest.mark.slow
+
+
+def test_single_user_ttft_and_itl_match_the_servers_log() -> None:
+    c = calibrate.measure(concurrency=1, num_requests=8, ttft_ms=50, itl_ms=10)
+    assert abs(c.ttft_error_ms) < 2.0
+    assert abs(c.itl_error_ms) < 0.5
+    assert c.tokens_exact == 1.0
+
+
+def test_64_users_ttft_and_itl_match_the_servers_log() -> None:
+    # Mixed output lengths, as real traffic: equal lengths against a zero-variance server keep
+    # all 64 users in lockstep, and the server's accept queue then dominates (docs/metrics.md).
+    c = calibrate.measure(concurrency=64, num_requests=256, ttft_ms=50, itl_ms=10, range_ratio=0.5)
+    assert c.requests == 256
+    assert abs(c.ttft_error_ms) < 10.0
+    assert abs(c.itl_error_ms) < 0.5
+    assert c.tokens_exact == 1.0
+    # The client's own share (server write -> client timestamp) is well under a millisecond.
+    assert c.downlink_p50_ms < 1.0
+
+
+def test_four_tokens_per_event_keep_counts_exact_and_itl_per_token() -> None:
+    c = calibrate.measure(concurrency=4, num_requests=16, ttft_ms=50, itl_ms=10,
+                          tokens_per_event=4)  # fmt: skip
+    assert c.tokens_exact == 1.0
+    assert abs(c.itl_error_ms) < 0.5
+    # Truth ITL is per token (event gap / 4), not per event.
+    assert 9.0 < c.itl_true_p50_ms < 11.5

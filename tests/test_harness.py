@@ -34,7 +34,7 @@ def _bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]
 
 
 def _run_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir())
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def test_a_scenario_run_leaves_parquet_that_pandas_reads(tmp_path: Path) -> None:

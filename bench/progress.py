@@ -26,6 +26,7 @@ class LiveProgress:
             console=Console(stderr=True),
             # Few redraws: the refresh thread competes for the GIL with the measuring loop.
             refresh_per_second=4,
+            transient=True,  # the summary table replaces the bars
             disable=not enabled,
         )
         self._all = self._progress.add_task("all", total=total_requests, status="")
@@ -59,4 +60,4 @@ class LiveProgress:
         self._progress.update(self._all, advance=1)
 
     def log(self, message: str) -> None:
-        self._progress.console.print(message)
+        self._progress.console.print(message, soft_wrap=True)

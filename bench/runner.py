@@ -320,7 +320,7 @@ def run(cfg: BenchConfig) -> RunResult:
             reason: str | None = "interrupted"
             try:
                 with LiveProgress(total, cfg.progress) as progress:
-                    progress.log(f"run {state.run_id} -> {state.store.dir}")
+                    progress.log(f"run {state.run_id}: writing to {state.store.dir}")
                     reason = asyncio.run(_measure(state, progress))
             finally:
                 sampler.stop()

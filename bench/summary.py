@@ -47,7 +47,8 @@ def table(runs: Sequence[RunRecord], requests: Sequence[RequestRecord], slo: Slo
         gpu = [r.peak_gpu_memory_mib_total for r in level_runs if r.peak_gpu_memory_mib_total]
         rss = [r.peak_rss_mib for r in level_runs if r.peak_rss_mib]
         mem = f"{max(gpu):,.0f} GPU" if gpu else (f"{max(rss):,.0f} RSS" if rss else "-")
-        flags = " [yellow]client-bound[/]" if any(r.client_bound for r in level_runs) else ""
+        bound = sum(r.client_bound for r in level_runs)
+        flags = f" [yellow]client-bound {bound}/{len(level_runs)}[/]" if bound else ""
         t.add_row(
             str(level),
             f"{first.input_tokens}/{first.output_tokens}",
@@ -61,6 +62,18 @@ def table(runs: Sequence[RunRecord], requests: Sequence[RequestRecord], slo: Slo
             f"{rps.mean():,.2f}",
             mem,
         )
+    first = runs[0] if runs else None
+    if first is not None:
+        load = f"load time {first.load_time_s:.2f} s · " if first.load_time_s is not None else ""
+        t.caption = (
+            f"{first.model} at {first.base_url} ({first.endpoint}) · {load}"
+            f"workload {first.workload_hash[:12]}"
+        )
+        if any(r.client_bound for r in runs):
+            t.caption += (
+                "\nclient-bound N/M: the harness's own event-loop lag p99 exceeded "
+                "client.lag_threshold_ms in N of M repeats; those latencies include client delay"
+            )
     return t
 
 

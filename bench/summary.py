@@ -62,12 +62,12 @@ def table(runs: Sequence[RunRecord], requests: Sequence[RequestRecord], slo: Slo
             f"{rps.mean():,.2f}",
             mem,
         )
-    first = runs[0] if runs else None
-    if first is not None:
-        load = f"load time {first.load_time_s:.2f} s · " if first.load_time_s is not None else ""
+    if runs:
+        run = runs[0]
+        load = f"load time {run.load_time_s:.2f} s · " if run.load_time_s is not None else ""
         t.caption = (
-            f"{first.model} at {first.base_url} ({first.endpoint}) · {load}"
-            f"workload {first.workload_hash[:12]}"
+            f"{run.model} at {run.base_url} ({run.endpoint}) · {load}"
+            f"workload {run.workload_hash[:12]}"
         )
         if any(r.client_bound for r in runs):
             t.caption += (

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -248,8 +248,7 @@ def _target(c: Mapping[str, Any]) -> TargetConfig:
 
 def from_hydra(cfg: DictConfig) -> BenchConfig:
     """Validate the composed Hydra config and return its typed form."""
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(raw, dict)
+    raw = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     w, cl, slo = raw["workload"], raw["client"], raw["slo"]
     low = _int("workload.token_id_low", w["token_id_low"], minimum=0)
     high = _int("workload.token_id_high", w["token_id_high"], minimum=low + 1)
@@ -277,8 +276,15 @@ def from_hydra(cfg: DictConfig) -> BenchConfig:
         seed=_int("seed", raw["seed"], minimum=0),
         progress=bool(raw["progress"]),
         telemetry_interval_s=_float("telemetry.interval_s", raw["telemetry"]["interval_s"]),
-        resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        resolved_yaml=_recordable_yaml(raw),
     )
+
+
+def _recordable_yaml(raw: dict[str, Any]) -> str:
+    """The resolved config as recorded with results: secrets masked, since runs get shared."""
+    if raw["target"].get("api_key"):
+        raw = {**raw, "target": {**raw["target"], "api_key": "***"}}
+    return OmegaConf.to_yaml(OmegaConf.create(raw))
 
 
 def compose(*overrides: str) -> BenchConfig:

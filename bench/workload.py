@@ -31,6 +31,11 @@ _WARMUP_REPEAT = -1
 
 
 class Tokenizer(Protocol):
+    """The part of a Hugging Face tokenizer the harness uses."""
+
+    vocab_size: int
+    all_special_ids: list[int]
+
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
 
@@ -60,15 +65,21 @@ def _text_prompt(
 ) -> str:
     if tokenizer is None:
         return " ".join(_WORDS[i] for i in rng.integers(0, len(_WORDS), size=n))
-    # Decoding random ids and encoding again rarely round-trips to the same length (merges
-    # across the seams); trim or pad with fresh ids until it does, as vLLM's random dataset.
-    ids = _token_prompt(rng, n, cfg)
+    # Random ids of the tokenizer's own vocabulary (special tokens excluded); decoding and
+    # encoding again rarely round-trips to the same length (merges across the seams), so trim
+    # or pad with fresh ids until it does, as vLLM's random dataset does.
+    usable = np.setdiff1d(np.arange(tokenizer.vocab_size), tokenizer.all_special_ids)
+
+    def draw(k: int) -> list[int]:
+        return [int(t) for t in rng.choice(usable, size=k)]
+
+    ids = draw(n)
     for _ in range(16):
         text = tokenizer.decode(ids)
         ids = tokenizer.encode(text, add_special_tokens=False)
         if len(ids) == n:
             return text
-        ids = ids[:n] if len(ids) > n else ids + _token_prompt(rng, n - len(ids), cfg)
+        ids = ids[:n] if len(ids) > n else ids + draw(n - len(ids))
     return tokenizer.decode(ids[:n])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +60,26 @@ def test_without_per_chunk_usage_events_are_recorded_honestly(refserver: StartSe
     assert (r.output_tokens, r.output_tokens_source) == (16, "usage")
     assert r.token_attribution == "events"
     assert r.event_tokens == [1, 1, 1, 1]
+
+
+def test_without_usage_deltas_a_local_tokenizer_attributes_tokens(
+    refserver: StartServer, word_tokenizer: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    url = refserver("--ttft-ms", "5", "--itl-ms", "1", "--tokens-per-event", "4").url
+    tok = AutoTokenizer.from_pretrained(word_tokenizer, local_files_only=True)
+    target = _target(url, continuous_usage_stats=False)
+
+    async def go() -> client.RequestResult:
+        async with client.session(1, 30.0) as session:
+            spec = RequestSpec(0, [1, 2, 3], 3, 10, 0.0)
+            return await client.send(session, target, "refserver", spec, 0.0, tok)
+
+    r = asyncio.run(go())
+    assert r.token_attribution == "tokenizer"
+    assert r.event_tokens == [4, 4, 2]
+    assert len(r.itl_s()) == 10 - 4
 
 
 def test_chat_endpoint_streams_text_prompts(refserver: StartServer) -> None:

@@ -66,3 +66,10 @@ def test_length_lists_of_different_sizes_are_refused() -> None:
 def test_base_url_must_be_http() -> None:
     with pytest.raises(ConfigError, match=r"target\.base_url"):
         bench_cfg("target.base_url=localhost:8000")
+
+
+def test_the_recorded_config_masks_the_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    cfg = bench_cfg("target=openai")
+    assert cfg.target.api_key == "sk-secret"
+    assert "sk-secret" not in cfg.resolved_yaml and "api_key: '***'" in cfg.resolved_yaml

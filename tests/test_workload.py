@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from bench import workload
@@ -56,3 +58,15 @@ def test_poisson_offsets_hold_the_requested_rate() -> None:
 
 def test_closed_loop_has_no_send_offsets() -> None:
     assert {s.offset_s for s in _build(bench_cfg()).batches[0, 0]} == {0.0}
+
+
+def test_text_prompts_have_exact_lengths_with_a_local_tokenizer(word_tokenizer: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(word_tokenizer, local_files_only=True)
+    cfg = bench_cfg("scenario.input_tokens=40", "scenario.range_ratio=0.5")
+    w = workload.build(cfg.scenario, cfg.workload, cfg.seed, text=True, tokenizer=tok)
+    for spec in w.batches[0, 0]:
+        ids = tok.encode(spec.prompt, add_special_tokens=False)
+        assert len(ids) == spec.input_tokens
+        assert tok.unk_token_id not in ids  # special tokens are never drawn

@@ -142,12 +142,11 @@ class _Run:
         outcome: LevelOutcome,
         requests: list[RequestRecord],
         lag: LagMonitor,
-        mark: int,
     ) -> RunRecord:
         cfg = self.cfg
         m = metrics.summarize(requests, outcome.ended_s - outcome.started_s, cfg.slo)
         lag_ms = metrics.Distribution.of([s * 1000.0 for _, s in lag.samples])
-        peaks = self.sampler.peaks_since(mark)
+        peaks = self.sampler.peaks_since(outcome.started_s)
         gpus = sorted(
             (int(k[3:].split(".")[0]), v) for k, v in peaks.items() if k.startswith("gpu")
         )
@@ -274,7 +273,7 @@ async def _level(
         run.store.requests.append(rec)  # on disk at the next flush, even if the level dies
         progress.request_done(r.ok)
 
-    lag, mark = LagMonitor(), run.sampler.mark()
+    lag = LagMonitor()
     lag_task = asyncio.create_task(lag.run())
     send = functools.partial(run.send, session)
     limit = run.cfg.client.max_consecutive_connection_errors
@@ -283,7 +282,7 @@ async def _level(
     finally:
         lag_task.cancel()
         run.telemetry_lag(lag)
-    run.store.runs.append(run.run_record(level, repeat, outcome, requests, lag, mark))
+    run.store.runs.append(run.run_record(level, repeat, outcome, requests, lag))
     return outcome
 
 
@@ -317,15 +316,17 @@ def run(cfg: BenchConfig) -> RunResult:
         pids = [server.process.pid] if server.process else []
         with Sampler(cfg.telemetry_interval_s, pids) as sampler:
             state = _Run(cfg, server, sampler)
-            reason: str | None = "interrupted"
             try:
                 with LiveProgress(total, cfg.progress) as progress:
                     progress.log(f"run {state.run_id}: writing to {state.store.dir}")
                     reason = asyncio.run(_measure(state, progress))
+            except KeyboardInterrupt:
+                reason = "interrupted"
             finally:
                 sampler.stop()
                 state.telemetry_samples(sampler.samples())
-                state.store.flush()
+                if state.store.requests:  # a run that measured nothing leaves no directory
+                    state.store.flush()
     return RunResult(
         state.store.dir,
         "complete" if reason is None else "partial",

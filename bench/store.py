@@ -39,12 +39,12 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
 class RunStore:
     def __init__(self, results_dir: str | Path, run_id: str) -> None:
         self.dir = Path(results_dir) / run_id
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.requests: list[RequestRecord] = []
         self.runs: list[RunRecord] = []
         self.telemetry: list[TelemetryRecord] = []
 
     def flush(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(to_table(self.requests, REQUESTS_SCHEMA), self.dir / "requests.parquet")
         _write_atomic(to_table(self.runs, RUNS_SCHEMA), self.dir / "runs.parquet")
         _write_atomic(to_table(self.telemetry, TELEMETRY_SCHEMA), self.dir / "telemetry.parquet")

@@ -1,6 +1,6 @@
 """Resource sampling while a benchmark runs: GPU memory and utilisation, server RSS.
 
-Sampling runs in a thread, not on the asyncio loop whose latency the harness measures. NVML is
+Sampling runs in its own process, off the asyncio loop whose latency the harness measures. NVML is
 imported and initialised in one place (`nvml`), so a machine without a GPU or without the
 library simply has no GPU samples.
 """
@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
+import multiprocessing
+import queue
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from multiprocessing import queues as mp_queues
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as EventType
 from types import ModuleType, TracebackType
 
 import psutil
@@ -62,54 +66,88 @@ def _rss_mib(pid: int) -> float | None:
     return total / _MIB
 
 
+def peaks(samples: Sequence[Sample], since_s: float) -> dict[str, float]:
+    """Peak of each memory metric from `since_s` on, keyed "source.metric" (gpu0.memory_used_mib).
+
+    The value each metric had when the window opened (its last sample before it) counts too,
+    so a window shorter than the sampling interval still has a peak.
+    """
+    result: dict[str, float] = {}
+    for s in samples:  # in time order: an earlier opening value is overwritten by a later one
+        if s.metric not in MEMORY_METRICS:
+            continue
+        key = f"{s.source}.{s.metric}"
+        if s.t_s < since_s:
+            result[key] = s.value
+        else:
+            result[key] = max(result.get(key, s.value), s.value)
+    return result
+
+
+def _sample_forever(
+    interval_s: float, pids: list[int], out: mp_queues.Queue[list[Sample]], stop: EventType
+) -> None:
+    with nvml() as nv:
+        handles = [] if nv is None else [
+            nv.nvmlDeviceGetHandleByIndex(i) for i in range(nv.nvmlDeviceGetCount())
+        ]  # fmt: skip
+        while True:
+            out.put(_sample(nv, handles, pids))
+            if stop.wait(interval_s):
+                out.put(_sample(nv, handles, pids))  # the final state, so short runs are covered
+                return
+
+
+def _sample(nv: ModuleType | None, handles: list[object], pids: list[int]) -> list[Sample]:
+    now = time.perf_counter()
+    rows = []
+    for i, h in enumerate(handles):
+        assert nv is not None
+        mem = nv.nvmlDeviceGetMemoryInfo(h)
+        util = nv.nvmlDeviceGetUtilizationRates(h)
+        rows += [
+            Sample(now, f"gpu{i}", "memory_used_mib", mem.used / _MIB),
+            Sample(now, f"gpu{i}", "gpu_util_pct", float(util.gpu)),
+        ]
+    for pid in pids:
+        rss = _rss_mib(pid)
+        if rss is not None:
+            rows.append(Sample(now, "process", "rss_mib", rss))
+    return rows
+
+
 class Sampler:
+    """Samples in a separate process: walking the process table costs milliseconds of Python,
+    which in a thread would hold the GIL against the event loop whose latency we measure."""
+
     def __init__(self, interval_s: float = 0.1, pids: Sequence[int] = ()) -> None:
         self.interval_s, self.pids = interval_s, list(pids)
+        self._ctx = multiprocessing.get_context("spawn")
+        self._queue: mp_queues.Queue[list[Sample]] = self._ctx.Queue()
+        self._stop = self._ctx.Event()
+        self._process: BaseProcess | None = None
         self._samples: list[Sample] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _loop(self) -> None:
-        with nvml() as nv:
-            handles = [] if nv is None else [
-                nv.nvmlDeviceGetHandleByIndex(i) for i in range(nv.nvmlDeviceGetCount())
-            ]  # fmt: skip
-            while True:
-                self._sample(nv, handles)
-                if self._stop.wait(self.interval_s):
-                    self._sample(nv, handles)  # the final state, so short windows are covered
-                    return
-
-    def _sample(self, nv: ModuleType | None, handles: list[object]) -> None:
-        now = time.perf_counter()
-        rows = []
-        for i, h in enumerate(handles):
-            assert nv is not None
-            mem = nv.nvmlDeviceGetMemoryInfo(h)
-            util = nv.nvmlDeviceGetUtilizationRates(h)
-            rows += [
-                Sample(now, f"gpu{i}", "memory_used_mib", mem.used / _MIB),
-                Sample(now, f"gpu{i}", "gpu_util_pct", float(util.gpu)),
-            ]
-        for pid in self.pids:
-            rss = _rss_mib(pid)
-            if rss is not None:
-                rows.append(Sample(now, "process", "rss_mib", rss))
-        with self._lock:
-            self._samples.extend(rows)
 
     def start(self) -> Sampler:
-        self._thread = threading.Thread(target=self._loop, name="telemetry", daemon=True)
-        self._thread.start()
+        args = (self.interval_s, self.pids, self._queue, self._stop)
+        self._process = self._ctx.Process(target=_sample_forever, args=args, daemon=True)
+        self._process.start()
         return self
 
     def stop(self) -> None:
-        """Stop sampling (idempotent); takes one last sample first."""
+        """Stop sampling (idempotent); the sampler takes one last sample first."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        if self._process is not None:
+            self._drain(until_exit=self._process)
+            self._process = None
+
+    def _drain(self, until_exit: BaseProcess | None = None) -> None:
+        while True:
+            try:
+                self._samples.extend(self._queue.get(timeout=0.05 if until_exit else 0))
+            except queue.Empty:
+                if until_exit is None or not until_exit.is_alive():
+                    return
 
     def __enter__(self) -> Sampler:
         return self.start()
@@ -121,29 +159,9 @@ class Sampler:
         self.stop()
 
     def samples(self) -> list[Sample]:
-        with self._lock:
-            return list(self._samples)
+        self._drain()
+        return list(self._samples)
 
-    def mark(self) -> int:
-        """A position in the sample stream, for peaks_since."""
-        with self._lock:
-            return len(self._samples)
-
-    def peaks_since(self, mark: int) -> dict[str, float]:
-        """Peak of each memory metric since `mark`, keyed "source.metric" (gpu0.memory_used_mib).
-
-        The value each metric had when the window opened (its last sample before the mark)
-        counts too, so a window shorter than the sampling interval still has a peak.
-        """
-        with self._lock:
-            before, window = self._samples[max(mark - 64, 0) : mark], self._samples[mark:]
-        peaks: dict[str, float] = {}
-        opening: dict[str, float] = {}
-        for s in before:
-            opening[f"{s.source}.{s.metric}"] = s.value  # later samples overwrite earlier ones
-        for s in window:
-            key = f"{s.source}.{s.metric}"
-            peaks[key] = max(peaks.get(key, opening.get(key, 0.0)), s.value)
-        for key, value in opening.items():
-            peaks.setdefault(key, value)
-        return {k: v for k, v in peaks.items() if k.split(".")[1] in MEMORY_METRICS}
+    def peaks_since(self, since_s: float) -> dict[str, float]:
+        """Memory peaks since a time.perf_counter() instant (see `peaks`)."""
+        return peaks(self.samples(), since_s)

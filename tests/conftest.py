@@ -8,8 +8,11 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -55,3 +58,17 @@ def word_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("word-tokenizer")
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
     return path
+
+
+def best_of(attempts: int, measure: Callable[[], T], passes: Callable[[T], bool]) -> T:
+    """Measure up to `attempts` times and return the first result that passes (else the last).
+
+    For timing checks with hard bounds on a shared machine: a neighbour can stall a process for
+    milliseconds once, while a real regression fails every attempt.
+    """
+    result = measure()
+    for _ in range(attempts - 1):
+        if passes(result):
+            break
+        result = measure()
+    return result

@@ -4,7 +4,7 @@ import subprocess
 import sys
 import time
 
-from bench.telemetry import Sample, Sampler, nvml
+from bench.telemetry import Sample, Sampler, nvml, peaks
 
 
 def test_sampler_records_the_peak_rss_of_a_process_tree() -> None:
@@ -13,11 +13,11 @@ def test_sampler_records_the_peak_rss_of_a_process_tree() -> None:
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:
         with Sampler(interval_s=0.05, pids=[proc.pid]) as sampler:
-            time.sleep(1.5)
-        peaks = sampler.peaks_since(0)
+            time.sleep(2.0)
+        result = sampler.peaks_since(0.0)
     finally:
         proc.kill()
-    assert peaks["process.rss_mib"] > 76
+    assert result["process.rss_mib"] > 76
 
 
 def test_without_nvml_there_are_no_gpu_samples() -> None:
@@ -29,14 +29,14 @@ def test_without_nvml_there_are_no_gpu_samples() -> None:
     assert bool(gpu) == has_gpu
 
 
-def test_peaks_since_a_mark_ignore_earlier_samples_but_keep_the_opening_value() -> None:
-    sampler = Sampler(interval_s=0.01, pids=[])
-    # A scripted history of one process's RSS: 100, 40 MiB, then (after mark 2) 60 MiB.
-    sampler._samples.extend(Sample(t, "process", "rss_mib", v) for t, v in enumerate([100, 40, 60]))
-    assert sampler.peaks_since(2) == {"process.rss_mib": 60.0}  # the earlier 100 is ignored
-    assert sampler.peaks_since(3) == {"process.rss_mib": 60.0}  # empty window: the opening value
-    # The process held 100 MiB when a window from mark 1 opened, so that is its peak.
-    assert sampler.peaks_since(1) == {"process.rss_mib": 100.0}
+def test_peaks_ignore_earlier_samples_but_keep_the_opening_value() -> None:
+    # One process's RSS over time: 100 MiB at t=0, 40 at t=1, 60 at t=2.
+    history = [Sample(t, "process", "rss_mib", v) for t, v in enumerate([100.0, 40.0, 60.0])]
+    history.append(Sample(1.5, "gpu0", "gpu_util_pct", 99.0))  # not a memory metric
+    assert peaks(history, since_s=1.5) == {"process.rss_mib": 60.0}  # the earlier 100 is ignored
+    assert peaks(history, since_s=3.0) == {"process.rss_mib": 60.0}  # no sample: the opening one
+    # The process held 100 MiB when a window from t=0.5 opened, so that is its peak.
+    assert peaks(history, since_s=0.5) == {"process.rss_mib": 100.0}
 
 
 def test_stop_is_prompt() -> None:

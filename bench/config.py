@@ -175,6 +175,7 @@ class BenchConfig:
     seed: int
     progress: bool
     telemetry_interval_s: float
+    scrape_server_metrics: bool
     resolved_yaml: str  # the whole resolved config, recorded with every run
 
 
@@ -276,6 +277,7 @@ def from_hydra(cfg: DictConfig) -> BenchConfig:
         seed=_int("seed", raw["seed"], minimum=0),
         progress=bool(raw["progress"]),
         telemetry_interval_s=_float("telemetry.interval_s", raw["telemetry"]["interval_s"]),
+        scrape_server_metrics=bool(raw["telemetry"]["scrape_server_metrics"]),
         resolved_yaml=_recordable_yaml(raw),
     )
 

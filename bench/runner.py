@@ -314,7 +314,8 @@ def run(cfg: BenchConfig) -> RunResult:
     total = len(levels) * cfg.scenario.repeats * cfg.scenario.num_requests
     with serve(cfg.target) as server:
         pids = [server.process.pid] if server.process else []
-        with Sampler(cfg.telemetry_interval_s, pids) as sampler:
+        metrics_url = f"{server.base_url}/metrics" if cfg.scrape_server_metrics else None
+        with Sampler(cfg.telemetry_interval_s, pids, metrics_url) as sampler:
             state = _Run(cfg, server, sampler)
             try:
                 with LiveProgress(total, cfg.progress) as progress:

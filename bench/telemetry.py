@@ -1,4 +1,4 @@
-"""Resource sampling while a benchmark runs: GPU memory and utilisation, server RSS.
+"""Sampling while a benchmark runs: GPU memory and utilisation, server RSS, server /metrics.
 
 Sampling runs in its own process, off the asyncio loop whose latency the harness measures. NVML is
 imported and initialised in one place (`nvml`), so a machine without a GPU or without the
@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import queue
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import queues as mp_queues
@@ -20,10 +21,21 @@ from multiprocessing.synchronize import Event as EventType
 from types import ModuleType, TracebackType
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 log = logging.getLogger(__name__)
 
 MEMORY_METRICS = ("memory_used_mib", "rss_mib")
+# The server-side signals that tell an under-fed server from a saturated one (vLLM's names;
+# the bundled engine uses them too). Servers without /metrics simply contribute nothing.
+SERVER_METRICS = (
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:gpu_cache_usage_perc",
+    "vllm:num_preemptions_total",
+)
+SERVER_SCRAPE_INTERVAL_S = 1.0
 _MIB = 1024 * 1024
 
 
@@ -84,15 +96,41 @@ def peaks(samples: Sequence[Sample], since_s: float) -> dict[str, float]:
     return result
 
 
+def scrape_server(metrics_url: str, timeout_s: float = 0.5) -> list[Sample]:
+    """The SERVER_METRICS a Prometheus endpoint exposes, summed over label sets."""
+    now = time.perf_counter()
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout_s) as resp:
+            text = resp.read().decode()
+        families = list(text_string_to_metric_families(text))
+    except (OSError, ValueError):
+        return []
+    totals: dict[str, float] = {}
+    for family in families:
+        for sample in family.samples:
+            if sample.name in SERVER_METRICS:
+                totals[sample.name] = totals.get(sample.name, 0.0) + float(sample.value)
+    return [Sample(now, "server", name, value) for name, value in totals.items()]
+
+
 def _sample_forever(
-    interval_s: float, pids: list[int], out: mp_queues.Queue[list[Sample]], stop: EventType
+    interval_s: float,
+    pids: list[int],
+    metrics_url: str | None,
+    out: mp_queues.Queue[list[Sample]],
+    stop: EventType,
 ) -> None:
+    next_scrape = 0.0
     with nvml() as nv:
         handles = [] if nv is None else [
             nv.nvmlDeviceGetHandleByIndex(i) for i in range(nv.nvmlDeviceGetCount())
         ]  # fmt: skip
         while True:
-            out.put(_sample(nv, handles, pids))
+            rows = _sample(nv, handles, pids)
+            if metrics_url and time.perf_counter() >= next_scrape:
+                rows += scrape_server(metrics_url)
+                next_scrape = time.perf_counter() + SERVER_SCRAPE_INTERVAL_S
+            out.put(rows)
             if stop.wait(interval_s):
                 out.put(_sample(nv, handles, pids))  # the final state, so short runs are covered
                 return
@@ -120,8 +158,10 @@ class Sampler:
     """Samples in a separate process: walking the process table costs milliseconds of Python,
     which in a thread would hold the GIL against the event loop whose latency we measure."""
 
-    def __init__(self, interval_s: float = 0.1, pids: Sequence[int] = ()) -> None:
-        self.interval_s, self.pids = interval_s, list(pids)
+    def __init__(
+        self, interval_s: float = 0.1, pids: Sequence[int] = (), metrics_url: str | None = None
+    ) -> None:
+        self.interval_s, self.pids, self.metrics_url = interval_s, list(pids), metrics_url
         self._ctx = multiprocessing.get_context("spawn")
         self._queue: mp_queues.Queue[list[Sample]] = self._ctx.Queue()
         self._stop = self._ctx.Event()
@@ -129,7 +169,7 @@ class Sampler:
         self._samples: list[Sample] = []
 
     def start(self) -> Sampler:
-        args = (self.interval_s, self.pids, self._queue, self._stop)
+        args = (self.interval_s, self.pids, self.metrics_url, self._queue, self._stop)
         self._process = self._ctx.Process(target=_sample_forever, args=args, daemon=True)
         self._process.start()
         return self

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import http.server
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 
-from bench.telemetry import Sample, Sampler, nvml, peaks
+from bench.telemetry import Sample, Sampler, nvml, peaks, scrape_server
 
 
 def test_sampler_records_the_peak_rss_of_a_process_tree() -> None:
@@ -44,3 +47,31 @@ def test_stop_is_prompt() -> None:
     started = time.monotonic()
     sampler.stop()
     assert time.monotonic() - started < 1.0
+
+
+def test_server_metrics_are_scraped_with_vllm_names() -> None:
+    body = (
+        b"# TYPE vllm:num_requests_running gauge\n"
+        b'vllm:num_requests_running{model_name="a"} 3.0\n'
+        b'vllm:num_requests_running{model_name="b"} 1.0\n'
+        b"# TYPE vllm:num_requests_waiting gauge\n"
+        b'vllm:num_requests_waiting{model_name="a"} 7.0\n'
+        b"# TYPE unrelated gauge\nunrelated 5.0\n"
+    )
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with socketserver.TCPServer(("127.0.0.1", 0), Metrics) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/metrics"
+        scraped = {s.metric: s.value for s in scrape_server(url)}
+        httpd.shutdown()
+    assert scraped == {"vllm:num_requests_running": 4.0, "vllm:num_requests_waiting": 7.0}
+    assert scrape_server("http://127.0.0.1:9/metrics") == []  # no server, no samples

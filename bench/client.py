@@ -147,11 +147,9 @@ class _Stream:
             counts = [b - a for a, b in zip([0, *cums], cums, strict=False)]
             result.token_attribution = "usage"
         elif tokenizer is not None:
-            cums, text = [], ""
-            for piece in self.texts:
-                text += piece
-                cums.append(len(tokenizer.encode(text, add_special_tokens=False)))
-            counts = [b - a for a, b in zip([0, *cums], cums, strict=False)]
+            # Each event's text alone: linear cost on the measuring loop (re-encoding the growing
+            # text would be quadratic), exact unless a merge spans two events.
+            counts = [len(tokenizer.encode(t, add_special_tokens=False)) for t in self.texts]
             result.token_attribution = "tokenizer"
         else:
             counts = [1] * len(self.times)

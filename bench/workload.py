@@ -19,7 +19,7 @@ from bench.config import LoadLevel, ScenarioConfig, WorkloadConfig
 
 # Common English words that are one token (with their leading space) in the GPT-2, Llama and
 # Qwen vocabularies: the fallback for text prompts when no tokenizer is configured.
-_WORDS = (  # noqa: SIM905 (a word list reads better as text)
+_WORDS = (
     "the of and to in is was for on that with as by at from his it an were are which this be "
     "or has had not first one their its new after but who they have her she two been other "
     "when there all during into school time may years more most only over city some world "

@@ -37,6 +37,16 @@ class ModelConfig:
     dtype: torch.dtype
     eos_token_id: int | None
 
+    @property
+    def num_parameters(self) -> int:
+        h, layers = self.hidden_size, self.num_hidden_layers
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        attention = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.attention_bias else 0)
+        attention += 2 * self.head_dim if self.qk_norm else 0
+        mlp = 3 * h * self.intermediate_size
+        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return layers * (attention + mlp + 2 * h) + embeddings + h
+
     @classmethod
     def from_hf(cls, source: str | Path | Mapping[str, Any]) -> ModelConfig:
         """From a checkpoint directory, a config.json path, or its parsed contents."""

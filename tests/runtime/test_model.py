@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from runtime.config import ModelConfig
+from runtime.config import ModelConfig, named_architecture
 from runtime.layers.attention import AttentionMetadata, TorchAttention
 from runtime.loader import load_checkpoint, load_dummy
 from runtime.models.llama import LlamaForCausalLM
@@ -87,3 +87,18 @@ def test_dummy_weights_depend_only_on_seed_and_name() -> None:
     name = "model.layers.1.mlp.down_proj.weight"
     assert torch.equal(pa[name], pb[name]) and not torch.equal(pa[name], pc[name])
     assert torch.equal(pa["model.norm.weight"], torch.ones(SHAPE["hidden_size"]))
+
+
+@pytest.mark.parametrize(
+    "name,billions", [("llama-3-8b", 8.03), ("qwen3-0.6b", 0.596), ("small", 0.056)]
+)
+def test_named_architectures_have_their_real_shapes(name: str, billions: float) -> None:
+    path = named_architecture(name)
+    assert path is not None
+    assert ModelConfig.from_hf(path).num_parameters / 1e9 == pytest.approx(billions, rel=0.01)
+
+
+def test_parameter_count_matches_the_model(tmp_path: Path) -> None:
+    path, reference = _hf_checkpoint(tmp_path, "Qwen3ForCausalLM", head_dim=32)
+    expected = sum(p.numel() for p in reference.parameters())
+    assert ModelConfig.from_hf(path).num_parameters == expected

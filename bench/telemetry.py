@@ -141,12 +141,14 @@ def _sample(nv: ModuleType | None, handles: list[object], pids: list[int]) -> li
     rows = []
     for i, h in enumerate(handles):
         assert nv is not None
-        mem = nv.nvmlDeviceGetMemoryInfo(h)
-        util = nv.nvmlDeviceGetUtilizationRates(h)
-        rows += [
-            Sample(now, f"gpu{i}", "memory_used_mib", mem.used / _MIB),
-            Sample(now, f"gpu{i}", "gpu_util_pct", float(util.gpu)),
-        ]
+        # A query a GPU does not support (utilisation on a MIG-enabled GPU) must not end the
+        # sampling process: that would lose every later sample, the server's RSS included.
+        with contextlib.suppress(nv.NVMLError):
+            used = nv.nvmlDeviceGetMemoryInfo(h).used
+            rows.append(Sample(now, f"gpu{i}", "memory_used_mib", used / _MIB))
+        with contextlib.suppress(nv.NVMLError):
+            util = nv.nvmlDeviceGetUtilizationRates(h).gpu
+            rows.append(Sample(now, f"gpu{i}", "gpu_util_pct", float(util)))
     for pid in pids:
         rss = _rss_mib(pid)
         if rss is not None:

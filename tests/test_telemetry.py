@@ -6,8 +6,10 @@ import subprocess
 import sys
 import threading
 import time
+from types import ModuleType, SimpleNamespace
+from typing import cast
 
-from bench.telemetry import Sample, Sampler, nvml, peaks, scrape_server
+from bench.telemetry import Sample, Sampler, _sample, nvml, peaks, scrape_server
 
 
 def test_sampler_records_the_peak_rss_of_a_process_tree() -> None:
@@ -30,6 +32,23 @@ def test_without_nvml_there_are_no_gpu_samples() -> None:
         time.sleep(0.05)
     gpu = [s for s in sampler.samples() if s.source.startswith("gpu")]
     assert bool(gpu) == has_gpu
+
+
+def test_an_unsupported_gpu_query_loses_only_its_own_metric() -> None:
+    # NVML on a MIG-enabled GPU answers memory but not utilisation.
+    class NVMLError(Exception):
+        pass
+
+    def unsupported(_: object) -> None:
+        raise NVMLError("Not Supported")
+
+    nv = SimpleNamespace(
+        NVMLError=NVMLError,
+        nvmlDeviceGetMemoryInfo=lambda _: SimpleNamespace(used=3 * 2**20),
+        nvmlDeviceGetUtilizationRates=unsupported,
+    )
+    rows = _sample(cast(ModuleType, nv), [object()], [])
+    assert [(s.source, s.metric, s.value) for s in rows] == [("gpu0", "memory_used_mib", 3.0)]
 
 
 def test_peaks_ignore_earlier_samples_but_keep_the_opening_value() -> None:

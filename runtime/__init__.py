@@ -1,5 +1,5 @@
-"""The bundled serving engine (continuous batching, paged KV cache, tensor parallelism).
+"""The bundled serving engine: continuous batching over a paged KV cache.
 
-Not built yet: the harness in `bench/` measures external servers and its reference server
-until the engine lands (docs/architecture.md).
+Runs on CPU today (docs/architecture.md, "The engine"); its OpenAI-compatible server,
+`target=bundled` in the harness, tensor parallelism and GPU kernels come next.
 """

@@ -50,6 +50,7 @@ class LoadBreakdown:
     place_s: float
     kv_cache_s: float
     kv_cache_bytes: int
+    warmup_s: float  # one short request end to end, so the first real one is not the slow one
 
 
 def resolve_model(cfg: EngineConfig) -> tuple[Path, ModelConfig]:
@@ -92,9 +93,7 @@ class Engine:
             model, mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_dim,
             blocks, bs, dtype, torch.device("cpu"),
         )  # fmt: skip
-        self.load = LoadBreakdown(
-            times.read_s, times.place_s, time.perf_counter() - start, self.runner.kv_cache_bytes
-        )
+        kv_cache_s = time.perf_counter() - start
         self.blocks = BlockManager(blocks, bs, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
@@ -103,6 +102,12 @@ class Engine:
         self.sampler = Sampler(cfg.seed)
         self.seqs: dict[int, Sequence] = {}
         self.path = path
+        start = time.perf_counter()
+        warmup = list(range(min(16, self.max_model_len - 1)))
+        self.generate([warmup], SamplingParams(max_tokens=1, temperature=0.0))
+        warmup_s = time.perf_counter() - start
+        kv_bytes = self.runner.kv_cache_bytes
+        self.load = LoadBreakdown(times.read_s, times.place_s, kv_cache_s, kv_bytes, warmup_s)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
         if not prompt_ids:

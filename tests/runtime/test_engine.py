@@ -91,3 +91,39 @@ def test_tiny_is_a_real_checkpoint_built_deterministically(tmp_path: Path) -> No
         theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                     min_new_tokens=12)[0, len(prompt):].tolist()  # fmt: skip
     assert ours == theirs
+
+
+def test_load_time_is_broken_down() -> None:
+    load = Engine(BASE).load
+    assert load.read_s > 0 and load.warmup_s > 0 and load.kv_cache_bytes > 0
+    # 4 layers x (K, V) x blocks x block_size x kv_heads x head_dim x 4 bytes
+    blocks = -(-4096 // BASE.block_size) * 16
+    assert load.kv_cache_bytes == 4 * 2 * blocks * BASE.block_size * 4 * 32 * 4
+
+
+@pytest.mark.parametrize(
+    "field,value,expected",
+    [
+        ("max_num_seqs", 0, "max_num_seqs: expected an integer >= 1"),
+        ("gpu_memory_utilization", 1.5, "gpu_memory_utilization: expected a fraction in"),
+        ("load_format", "pt", "load_format: expected auto or dummy"),
+        ("dtype", "int3", "dtype: expected one of auto, float32"),
+        ("tensor_parallel_size", 2, "tensor_parallel_size: expected 1"),
+    ],
+)
+def test_bad_engine_config_names_the_field(field: str, value: object, expected: str) -> None:
+    with pytest.raises(ValueError, match=expected):
+        EngineConfig(model="tiny", **{field: value})  # type: ignore[arg-type]
+
+
+def test_unknown_model_says_what_is_accepted() -> None:
+    with pytest.raises(ValueError, match="neither `tiny`, a named architecture"):
+        Engine(EngineConfig(model="/nowhere"))
+
+
+def test_named_architecture_builds_with_dummy_weights() -> None:
+    engine = Engine(EngineConfig(model="small", load_format="dummy", max_model_len=64,
+                                 num_kv_blocks=32))  # fmt: skip
+    out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0.0,
+                                                      ignore_eos=True))  # fmt: skip
+    assert len(out[0]) == 4

@@ -8,14 +8,16 @@ byte-identical files on every machine, so results on `tiny` compare across runs.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from runtime.config import ARCHITECTURES_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO / ".models"
@@ -26,17 +28,6 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-SHAPE: dict[str, Any] = {
-    "hidden_size": 256,
-    "intermediate_size": 768,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "head_dim": 32,
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-}
 _WORDS = (
     "the a model server token request batch cache block queue user answer question time fast "
     "slow memory latency throughput prompt output input engine layer head weight value key "
@@ -83,8 +74,11 @@ def _build_tokenizer(path: Path) -> None:
 def _build_weights(path: Path, vocab_size: int, eos_token_id: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    # The shape lives with the other named architectures; the vocabulary is the tokenizer's.
+    shape = json.loads((ARCHITECTURES_DIR / "tiny.json").read_text())
+    del shape["architectures"]
     config = LlamaConfig(vocab_size=vocab_size, eos_token_id=eos_token_id, bos_token_id=None,
-                         **SHAPE)  # fmt: skip
+                         **shape)  # fmt: skip
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config)
     model.save_pretrained(path)

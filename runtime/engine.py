@@ -79,13 +79,19 @@ class Engine:
         path, mcfg = resolve_model(cfg)
         dtype = mcfg.dtype if cfg.dtype == "auto" else DTYPES[cfg.dtype]
         self.config, self.model_config = cfg, mcfg
+        self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
+        if self.max_model_len > mcfg.max_position_embeddings:
+            # Positions past the model's own limit have no rotary angles (nor training).
+            raise ValueError(
+                f"max_model_len: expected at most the model's max_position_embeddings "
+                f"({mcfg.max_position_embeddings}), got {self.max_model_len}"
+            )
         torch.manual_seed(cfg.seed)
         model = LlamaForCausalLM(mcfg, TorchAttention()).to(dtype).eval()
         if cfg.load_format == "dummy":
             times = load_dummy(model, cfg.seed)
         else:
             times = load_checkpoint(model, path if path.is_dir() else path.parent)
-        self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
         bs = cfg.block_size
         blocks = cfg.num_kv_blocks or -(-self.max_model_len // bs) * CPU_CACHE_SEQUENCES
         start = time.perf_counter()

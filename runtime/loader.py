@@ -7,6 +7,7 @@ so every tensor-parallel rank (later) builds the same logical model without a ch
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,25 +25,45 @@ class LoadTimes:
     place_s: float  # into the model's parameters on their device
 
 
-def _checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        # Sharded: the index is the authority (a directory can hold other exports beside it).
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors in {path}")
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                yield name, f.get_tensor(name)
+        raise FileNotFoundError(
+            f"no *.safetensors in {path}: expected a Hugging Face checkpoint directory "
+            "(config.json and model.safetensors, or shards with model.safetensors.index.json)"
+        )
+    return files
 
 
 def load_checkpoint(model: LlamaForCausalLM, path: Path) -> LoadTimes:
+    """Tensor by tensor, so the host never holds more than one beside the model."""
+    read_s = 0.0
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        nonlocal read_s
+        for file in _checkpoint_files(path):
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    start = time.perf_counter()
+                    tensor = f.get_tensor(name)
+                    read_s += time.perf_counter() - start
+                    yield name, tensor
+
     start = time.perf_counter()
-    tensors = list(_checkpoint_tensors(path))
-    read = time.perf_counter()
-    loaded = model.load_weights(tensors)
-    missing = set(dict(model.named_parameters())) - loaded
+    whole = model.load_weights(tensors())
+    total_s = time.perf_counter() - start
+    missing = sorted(set(dict(model.named_parameters())) - whole)
     if missing:
-        raise ValueError(f"{path} lacks weights for: {', '.join(sorted(missing)[:5])} ...")
-    return LoadTimes(read - start, time.perf_counter() - read)
+        raise ValueError(
+            f"{path} lacks weights (or shards of fused ones) for {len(missing)} parameters: "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
+    return LoadTimes(read_s, total_s - read_s)
 
 
 def _seed_of(seed: int, name: str) -> int:

@@ -107,6 +107,9 @@ class TorchAttention:
         if len(plan.decode_rows):
             # Plain matmuls with the query heads grouped under their KV head: no repeated K/V,
             # and faster on CPU than SDPA's masked path for a single query row.
+            # Padding keys (block 0 for -1 entries, slots past a context's end) are masked,
+            # but their values still meet a zero weight: the cache must hold finite numbers
+            # everywhere (allocate it zeroed, never with torch.empty), as 0 * NaN is NaN.
             decoders = len(plan.decode_rows)
             grouped = q[plan.decode_rows].view(decoders, kv_heads, -1, head_dim)
             scores = grouped @ context(plan.decode_blocks, 0).transpose(-1, -2) * scale

@@ -1,8 +1,8 @@
-"""Linear layers whose parameters carry their own `weight_loader`.
+"""Linear layers whose parameters carry their own `weight_loader` (see weight_loader.py).
 
-Checkpoints store q/k/v and gate/up as separate tensors; we run them fused (one matmul). The
-loader of a fused parameter copies each checkpoint tensor into its shard of rows; tensor
-parallelism will slice here too, next to the layer that needs it.
+Checkpoints store q/k/v and gate/up as separate tensors; we run each group fused, one matmul.
+The loader of a fused parameter copies each checkpoint tensor into its own block of rows;
+tensor parallelism will slice here too, next to the layer that needs it.
 """
 
 from __future__ import annotations
@@ -12,24 +12,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-
-def copy_loader(param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:
-    if loaded.shape != param.shape:
-        raise ValueError(
-            f"checkpoint tensor {tuple(loaded.shape)} != parameter {tuple(param.shape)}"
-        )
-    param.data.copy_(loaded)
-
-
-def set_loader(param: nn.Parameter, loader: object) -> None:
-    param.weight_loader = loader  # type: ignore[attr-defined]
+from runtime.layers.weight_loader import set_weight_loader
 
 
 class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
-        for p in self.parameters():
-            set_loader(p, copy_loader)
+        set_weight_loader(self)
 
 
 class MergedLinear(nn.Linear):
@@ -43,14 +32,20 @@ class MergedLinear(nn.Linear):
         self.rows = {
             name: (off, size) for name, off, size in zip(shards, offsets, sizes, strict=True)
         }
-        for p in self.parameters():
-            set_loader(p, self._load_shard)
+        set_weight_loader(self, self._load_shard)
 
-    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
-        if shard is None:
-            raise ValueError("a merged projection is loaded one shard at a time")
-        offset, size = self.rows[shard]
-        copy_loader(nn.Parameter(param.data.narrow(0, offset, size)), loaded)
+    def _load_shard(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None
+    ) -> None:
+        if shard_id not in self.rows:
+            raise ValueError(f"shard {shard_id!r}: expected one of {', '.join(self.rows)}")
+        offset, size = self.rows[shard_id]
+        rows = param.data.narrow(0, offset, size)
+        if loaded.shape != rows.shape:
+            raise ValueError(
+                f"checkpoint tensor {tuple(loaded.shape)} != shard {shard_id!r} {tuple(rows.shape)}"
+            )
+        rows.copy_(loaded)
 
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(torch.split(x, [size for _, size in self.rows.values()], dim=-1))

@@ -5,12 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from runtime.layers.weight_loader import set_weight_loader
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size))
+        set_weight_loader(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()

@@ -5,16 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from runtime.config import ModelConfig
+from runtime.layers.activation import SiluAndMul
 from runtime.layers.attention import AttentionBackend, AttentionMetadata
-from runtime.layers.linear import Linear, MergedLinear, copy_loader
+from runtime.layers.embedding import LMHead, VocabEmbedding
+from runtime.layers.linear import Linear, MergedLinear
 from runtime.layers.norm import RMSNorm
 from runtime.layers.rotary import RotaryEmbedding
 
-# (our fused parameter, the checkpoint's part, shard name)
+# (our fused projection, the checkpoint's separate one, its shard id)
 _STACKED = (
     ("qkv_proj", "q_proj", "q"),
     ("qkv_proj", "k_proj", "k"),
@@ -22,6 +23,10 @@ _STACKED = (
     ("gate_up_proj", "gate_proj", "gate"),
     ("gate_up_proj", "up_proj", "up"),
 )
+# The shards a parameter needs before it is whole; an unfused parameter needs its one tensor.
+_SHARDS: dict[str, set[str | None]] = {
+    fused: {shard for f, _, shard in _STACKED if f == fused} for fused, _, _ in _STACKED
+}
 
 
 class Attention(nn.Module):
@@ -66,11 +71,11 @@ class MLP(nn.Module):
         super().__init__()
         size = cfg.intermediate_size
         self.gate_up_proj = MergedLinear(cfg.hidden_size, [size, size], ["gate", "up"], bias=False)
+        self.act = SiluAndMul()
         self.down_proj = Linear(size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
-        return self.down_proj(F.silu(gate) * up)  # type: ignore[no-any-return]
+        return self.down_proj(self.act(self.gate_up_proj(x)))  # type: ignore[no-any-return]
 
 
 class DecoderLayer(nn.Module):
@@ -97,7 +102,7 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                  cfg.rope_scaling)  # fmt: skip
         self.layers = nn.ModuleList(
@@ -111,12 +116,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg, backend)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(
-            cfg.hidden_size, cfg.vocab_size, bias=False
-        )  # fmt: skip
-        for p in self.model.parameters():
-            if not hasattr(p, "weight_loader"):
-                p.weight_loader = copy_loader  # type: ignore[attr-defined]
+        self.lm_head = LMHead(self.model.embed_tokens, cfg.tie_word_embeddings)
 
     def forward(
         self,
@@ -132,26 +132,32 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)  # type: ignore[no-any-return]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return (hidden @ weight.T).float()
+        """Float32 logits [rows, vocab] of the hidden rows the caller picked (those sampling)."""
+        return self.lm_head(hidden)  # type: ignore[no-any-return]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load checkpoint tensors by their Hugging Face names; returns our parameters loaded."""
+        """Load checkpoint tensors by their Hugging Face names, through each parameter's
+        `weight_loader`. Returns our parameters now whole (a fused one once all its shards
+        arrived), so the caller can name what the checkpoint lacked."""
         params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if name == "lm_head.weight" and self.lm_head is None:
-                continue  # tied: the embedding serves as the head
-            shard = None
-            for fused, part, shard_name in _STACKED:
-                if f".{part}." in name:
-                    name, shard = name.replace(part, fused), shard_name
+        arrived: dict[str, set[str | None]] = {}
+        for hf_name, tensor in weights:
+            if "rotary_emb.inv_freq" in hf_name:
+                continue  # recomputed, not learned
+            if hf_name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue  # some tied checkpoints store the head anyway: it is the embedding
+            name, shard = hf_name, None
+            for fused, part, shard_id in _STACKED:
+                if f".{part}." in hf_name:
+                    name, shard = hf_name.replace(f".{part}.", f".{fused}."), shard_id
                     break
             if name not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no parameter in this model")
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no parameter in this model")
             param = params[name]
             param.weight_loader(param, tensor, shard)  # type: ignore[attr-defined]
-            loaded.add(name)
-        return loaded
+            arrived.setdefault(name, set()).add(shard)
+        return {
+            name
+            for name, shards in arrived.items()
+            if shards >= _SHARDS.get(name.split(".")[-2], {None})
+        }

@@ -83,6 +83,10 @@ def test_tiny_is_a_real_checkpoint_built_deterministically(tmp_path: Path) -> No
     tok = AutoTokenizer.from_pretrained(a, local_files_only=True)
     text = "The server streams tokens, fast."
     assert tok.decode(tok.encode(text)) == text
+    chat = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                   add_generation_prompt=True)  # fmt: skip
+    assert chat == f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    assert len(tok.encode("<|im_end|>")) == 1  # special tokens are single, unsplittable ids
     reference = LlamaForCausalLM.from_pretrained(a).eval()
     engine = Engine(dataclasses.replace(BASE, model=str(a)))
     prompt = tok.encode(text)
@@ -119,6 +123,11 @@ def test_bad_engine_config_names_the_field(field: str, value: object, expected: 
 def test_unknown_model_says_what_is_accepted() -> None:
     with pytest.raises(ValueError, match="neither `tiny`, a named architecture"):
         Engine(EngineConfig(model="/nowhere"))
+
+
+def test_max_model_len_beyond_the_model_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"max_model_len: expected at most .* \(4096\), got 4097"):
+        Engine(dataclasses.replace(BASE, max_model_len=4097))
 
 
 def test_named_architecture_builds_with_dummy_weights() -> None:

@@ -1,37 +1,44 @@
-"""Our Llama-family model against transformers on the same weights, and over the paged cache."""
+"""Our Llama-family model against transformers on the same weights, and its weight loading."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 from runtime.config import ModelConfig, named_architecture
-from runtime.layers.attention import AttentionMetadata, TorchAttention
+from runtime.layers.attention import TorchAttention
 from runtime.loader import load_checkpoint, load_dummy
 from runtime.models.llama import LlamaForCausalLM
+from tests.runtime.paged import prefill
 
-TOLERANCE = 1e-4  # max abs logit difference, float32 on CPU
+TOLERANCE = 1e-4  # max abs logit difference, float32 on CPU (measured: about 2e-6)
 SHAPE = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+# transformers' default 0.02 leaves attention nearly uniform and logits near 0, where a wrong
+# rotary angle moves logits by less than the tolerance; 0.1 makes every mistake show.
+INIT = 0.1
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
-BLOCK = 4
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+PROMPT = [(i * 37 + 11) % 320 for i in range(40)]
 
 
-def _hf_checkpoint(tmp: Path, arch: str, **extra: object) -> tuple[Path, torch.nn.Module]:
-    config_cls = {
-        "LlamaForCausalLM": transformers.LlamaConfig,
-        "Qwen2ForCausalLM": transformers.Qwen2Config,
-        "Qwen3ForCausalLM": transformers.Qwen3Config,
-    }[arch]
+def _hf_checkpoint(
+    tmp: Path, arch: str, extra: dict[str, object] | None = None, shard_size: str | None = None
+) -> transformers.PreTrainedModel:
+    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
     torch.manual_seed(0)
-    config = config_cls(**SHAPE, **extra)
-    model = getattr(transformers, arch)(config).eval()
-    model.save_pretrained(tmp)
-    return tmp, model
+    config = config_cls(**SHAPE, initializer_range=INIT, **(extra or {}))
+    model = getattr(transformers, arch)(config)
+    if shard_size is None:
+        model.save_pretrained(tmp)
+    else:
+        model.save_pretrained(tmp, max_shard_size=shard_size)
+    return model.eval()  # type: ignore[no-any-return]
 
 
 def _ours(path: Path) -> LlamaForCausalLM:
@@ -40,24 +47,9 @@ def _ours(path: Path) -> LlamaForCausalLM:
     return model
 
 
-def _prefill(model: LlamaForCausalLM, tokens: list[int]) -> torch.Tensor:
-    """Logits for every position of one sequence, prefilled at once."""
-    cfg = model.config
-    blocks = -(-len(tokens) // BLOCK)
-    cache = [torch.zeros(2, blocks, BLOCK, cfg.num_key_value_heads, cfg.head_dim)
-             for _ in range(cfg.num_hidden_layers)]  # fmt: skip
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(len(tokens)),
-        query_start_loc=torch.tensor([0, len(tokens)]),
-        context_lens=torch.tensor([len(tokens)]),
-        block_tables=torch.arange(blocks).unsqueeze(0),
-    )
+def _reference_logits(model: transformers.PreTrainedModel) -> torch.Tensor:
     with torch.inference_mode():
-        hidden = model(torch.tensor(tokens), torch.arange(len(tokens)), cache, meta)
-        return model.compute_logits(hidden)
-
-
-PROMPT = [5, 17, 99, 3, 250, 42, 7, 7, 128, 64, 1, 300]
+        return model(torch.tensor([PROMPT])).logits[0]  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize(
@@ -65,32 +57,61 @@ PROMPT = [5, 17, 99, 3, 250, 42, 7, 7, 128, 64, 1, 300]
     [
         ("LlamaForCausalLM", {}),
         ("LlamaForCausalLM", {"rope_scaling": LLAMA3_ROPE, "tie_word_embeddings": True}),
+        ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
         ("Qwen2ForCausalLM", {}),
-        ("Qwen3ForCausalLM", {"head_dim": 32}),
+        ("Qwen3ForCausalLM", {"head_dim": 32, "tie_word_embeddings": True}),
     ],
-    ids=["llama", "llama3-rope-tied", "qwen2-bias", "qwen3-qk-norm"],
+    ids=["llama", "llama3-rope-tied", "linear-rope", "qwen2-bias", "qwen3-qk-norm-tied"],
 )
 def test_logits_match_transformers(tmp_path: Path, arch: str, extra: dict[str, object]) -> None:
-    path, reference = _hf_checkpoint(tmp_path, arch, **extra)
-    with torch.inference_mode():
-        expected = reference(torch.tensor([PROMPT])).logits[0]
-    got = _prefill(_ours(path), PROMPT)
+    expected = _reference_logits(_hf_checkpoint(tmp_path, arch, extra))
+    got = prefill(_ours(tmp_path), PROMPT)
     assert (got - expected).abs().max().item() < TOLERANCE
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
+def test_sharded_checkpoint_loads_through_its_index(tmp_path: Path) -> None:
+    expected = _reference_logits(_hf_checkpoint(tmp_path, "LlamaForCausalLM", shard_size="100KB"))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert (prefill(_ours(tmp_path), PROMPT) - expected).abs().max().item() < TOLERANCE
+
+
+def test_checkpoint_missing_a_shard_of_a_fused_projection_is_refused(tmp_path: Path) -> None:
+    _hf_checkpoint(tmp_path, "LlamaForCausalLM")
+    file = tmp_path / "model.safetensors"
+    tensors = load_file(file)
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks weights .*layers\.1\.self_attn\.qkv_proj"):
+        _ours(tmp_path)
+
+
+def test_unsupported_architecture_is_named_with_the_supported_ones() -> None:
+    with pytest.raises(ValueError, match="'MistralForCausalLM' is not supported; supported: Ll"):
+        ModelConfig.from_hf({"architectures": ["MistralForCausalLM"], **SHAPE})
+
+
+def _dummy(seed: int, **shape: int) -> dict[str, torch.Tensor]:
+    cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], **{**SHAPE, **shape}})
+    model = LlamaForCausalLM(cfg, TorchAttention())
+    load_dummy(model, seed)
+    return dict(model.named_parameters())
+
+
 def test_dummy_weights_depend_only_on_seed_and_name() -> None:
-    cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], **SHAPE})
-    a, b, c = (LlamaForCausalLM(cfg, TorchAttention()) for _ in range(3))
-    load_dummy(a, seed=1), load_dummy(b, seed=1), load_dummy(c, seed=2)
-    pa, pb, pc = (dict(m.named_parameters()) for m in (a, b, c))
     name = "model.layers.1.mlp.down_proj.weight"
-    assert torch.equal(pa[name], pb[name]) and not torch.equal(pa[name], pc[name])
-    assert torch.equal(pa["model.norm.weight"], torch.ones(SHAPE["hidden_size"]))
+    a, b, c = _dummy(seed=1), _dummy(seed=1), _dummy(seed=2)
+    assert torch.equal(a[name], b[name]) and not torch.equal(a[name], c[name])
+    # Not on what else the model holds, nor the order parameters are filled in: a deeper model
+    # (as a tensor-parallel rank will build its own slice of) agrees on the shared names.
+    assert torch.equal(_dummy(seed=1, num_hidden_layers=3)[name], a[name])
+    assert torch.equal(a["model.norm.weight"], torch.ones(SHAPE["hidden_size"]))
 
 
 @pytest.mark.parametrize(
-    "name,billions", [("llama-3-8b", 8.03), ("qwen3-0.6b", 0.596), ("small", 0.056)]
+    "name,billions",
+    [("llama-3-8b", 8.03), ("llama-3.1-8b", 8.03), ("qwen3-0.6b", 0.596), ("small", 0.056)],
 )
 def test_named_architectures_have_their_real_shapes(name: str, billions: float) -> None:
     path = named_architecture(name)
@@ -98,7 +119,14 @@ def test_named_architectures_have_their_real_shapes(name: str, billions: float) 
     assert ModelConfig.from_hf(path).num_parameters / 1e9 == pytest.approx(billions, rel=0.01)
 
 
+def test_llama_3_1_keeps_its_llama3_rope_scaling() -> None:
+    path = named_architecture("llama-3.1-8b")
+    assert path is not None
+    scaling = ModelConfig.from_hf(path).rope_scaling
+    assert scaling is not None and scaling["rope_type"] == "llama3" and scaling["factor"] == 8.0
+
+
 def test_parameter_count_matches_the_model(tmp_path: Path) -> None:
-    path, reference = _hf_checkpoint(tmp_path, "Qwen3ForCausalLM", head_dim=32)
+    reference = _hf_checkpoint(tmp_path, "Qwen3ForCausalLM", {"head_dim": 32})
     expected = sum(p.numel() for p in reference.parameters())
-    assert ModelConfig.from_hf(path).num_parameters == expected
+    assert ModelConfig.from_hf(tmp_path).num_parameters == expected

@@ -1,0 +1,59 @@
+"""Drive a model step by step over a paged KV cache, as the model runner does, minus scheduling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from runtime.layers.attention import AttentionMetadata
+from runtime.models.llama import LlamaForCausalLM
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One sequence's part of a step: `tokens` at positions start.., cached through `blocks`."""
+
+    tokens: list[int]
+    start: int  # tokens of this sequence already in the cache
+    blocks: list[int]  # its block table
+
+
+def new_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int) -> list[torch.Tensor]:
+    cfg = model.config
+    shape = (2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+    return [torch.zeros(shape) for _ in range(cfg.num_hidden_layers)]
+
+
+def run_step(
+    model: LlamaForCausalLM, caches: list[torch.Tensor], chunks: list[Chunk]
+) -> list[torch.Tensor]:
+    """Logits [len(tokens), vocab] of every chunk, after one forward of them all together."""
+    block_size = caches[0].shape[2]
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    starts = [0]
+    for c in chunks:
+        span = range(c.start, c.start + len(c.tokens))
+        ids += c.tokens
+        positions += span
+        slots += [c.blocks[p // block_size] * block_size + p % block_size for p in span]
+        starts.append(starts[-1] + len(c.tokens))
+    width = max(len(c.blocks) for c in chunks)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots),
+        query_start_loc=torch.tensor(starts),
+        context_lens=torch.tensor([c.start + len(c.tokens) for c in chunks]),
+        block_tables=torch.tensor([c.blocks + [-1] * (width - len(c.blocks)) for c in chunks]),
+    )
+    with torch.inference_mode():
+        hidden = model(torch.tensor(ids), torch.tensor(positions), caches, meta)
+        return list(torch.split(model.compute_logits(hidden), [len(c.tokens) for c in chunks]))
+
+
+def prefill(model: LlamaForCausalLM, tokens: list[int], block_size: int = 4) -> torch.Tensor:
+    """Logits for every position of one sequence, prefilled at once into a fresh cache."""
+    blocks = -(-len(tokens) // block_size)
+    caches = new_caches(model, blocks, block_size)
+    return run_step(model, caches, [Chunk(tokens, 0, list(range(blocks)))])[0]

@@ -6,6 +6,7 @@ templates and stop strings belong to the server.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,28 +21,11 @@ from runtime.model_runner import ModelRunner
 from runtime.models.llama import LlamaForCausalLM
 from runtime.sampler import Sampler
 from runtime.scheduler import Scheduler
-from runtime.sequence import SamplingParams, Sequence
+from runtime.sequence import EngineStats, SamplingParams, Sequence, TokenOutput
 from runtime.tiny import ensure_tiny
 
 # Without a memory budget to size it from (CPU), the cache holds this many longest sequences.
 CPU_CACHE_SEQUENCES = 16
-
-
-@dataclass(frozen=True)
-class TokenOutput:
-    seq_id: int
-    new_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None  # stop | length | abort
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_preemptions: int
-    num_kv_blocks: int
 
 
 @dataclass(frozen=True)
@@ -146,9 +130,10 @@ class Engine:
         )
         self.scheduler.update(step, sampled)
         outputs = []
-        for seq in sampling:
-            outputs.append(TokenOutput(seq.seq_id, [sampled[seq.seq_id]], seq.is_finished,
-                                       seq.finish_reason))  # fmt: skip
+        for item in step.scheduled:
+            seq = item.seq
+            tokens = [sampled[seq.seq_id]] if item.samples else []
+            outputs.append(TokenOutput(seq.seq_id, tokens, seq.is_finished, seq.finish_reason))
             if seq.is_finished:
                 del self.seqs[seq.seq_id]
                 self.sampler.forget(seq.seq_id)
@@ -159,6 +144,9 @@ class Engine:
             len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.usage,
             self.scheduler.num_preemptions, len(self.blocks.blocks),
         )  # fmt: skip
+
+    def load_breakdown(self) -> dict[str, float]:
+        return dataclasses.asdict(self.load)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Offline: run prompts to completion together; their output token ids, in order."""

@@ -31,6 +31,26 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
+@dataclass(frozen=True)
+class TokenOutput:
+    """What one engine step did for one scheduled request. A prefill chunk that does not
+    sample yet is reported without tokens, so a server can time prefill exactly."""
+
+    seq_id: int
+    new_token_ids: list[int]  # tokens sampled for this request by this step (0 or 1 today)
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1
+    num_preemptions: int  # cumulative
+    num_kv_blocks: int
+
+
 class Status(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()

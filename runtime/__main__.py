@@ -1,0 +1,171 @@
+"""`python -m runtime serve`: the bundled engine behind its OpenAI-compatible server.
+
+The flags are vLLM's (`vllm serve`), so a command written for vLLM carries over; the defaults
+are vLLM's too except where a CPU needs smaller ones (see EngineConfig).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from runtime.config import DTYPES, EngineConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from runtime.engine import Engine
+
+log = logging.getLogger("runtime")
+
+EXAMPLES = """examples:
+  python -m runtime serve --model tiny
+  python -m runtime serve --model small --load-format dummy --max-num-seqs 64
+  python -m runtime serve --model /path/to/hf-checkpoint --port 8001 --enable-prefix-caching
+then:
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"prompt": "The server", "max_tokens": 16}'
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = EngineConfig(model="tiny")  # the defaults, in one place
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime",
+        description="The bundled LLM engine (continuous batching over a paged KV cache).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="serve")
+    p = commands.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=EXAMPLES,
+    )
+    p.add_argument("model_tag", nargs="?", help="the model, as vLLM's positional form")
+    p.add_argument(
+        "--model", default=None,
+        help="`tiny` (embedded, built on first use), a named architecture in "
+        "runtime/architectures/ (with --load-format dummy), or a Hugging Face checkpoint "
+        "directory (default: tiny)",
+    )  # fmt: skip
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory (default: the model's; for a named architecture "
+                   "without one, tiny's)")  # fmt: skip
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: --model)")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=8000, help="port to bind (0: any free one)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    p.add_argument("--max-waiting", type=int, default=0,
+                   help="requests allowed to wait for a batch slot before new ones get 429 "
+                   "(0: unbounded)")  # fmt: skip
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                   help="most requests in one batch")  # fmt: skip
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="token budget of one step, prefill and decode together")  # fmt: skip
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output (default: the model's)")  # fmt: skip
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--num-kv-blocks", type=int, default=None,
+                       help="KV cache size in blocks (default: sized from memory)")  # fmt: skip
+    cache.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                       help="fraction of GPU memory for weights and KV cache")  # fmt: skip
+    p.add_argument("--enable-prefix-caching", action="store_true",
+                   help="reuse KV blocks of identical prompt prefixes")  # fmt: skip
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--dtype", default=d.dtype, choices=("auto", *DTYPES))
+    p.add_argument("--load-format", default=d.load_format, choices=("auto", "dummy"),
+                   help="dummy: seeded random weights, no checkpoint read")  # fmt: skip
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
+    p.add_argument("--quantization", default=None)
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return parser
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching,
+        dtype=args.dtype,
+        seed=args.seed,
+        enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
+        load_format=args.load_format,
+        quantization=args.quantization,
+    )
+
+
+def load(cfg: EngineConfig, tokenizer: str | None = None) -> tuple[Engine, PreTrainedTokenizerBase]:
+    """The engine and its tokenizer (heavy imports here, after the socket is up)."""
+    from transformers import AutoTokenizer
+
+    from runtime.engine import Engine
+    from runtime.tiny import ensure_tiny
+
+    engine = Engine(cfg)
+    source = Path(tokenizer) if tokenizer else engine.path
+    if not (source.is_dir() and (source / "tokenizer_config.json").is_file()):
+        if tokenizer:
+            raise ValueError(f"--tokenizer {tokenizer!r}: no tokenizer_config.json there")
+        # A named architecture has shapes, not a vocabulary: tiny's tokenizer stands in, so
+        # text prompts work; ids past its vocabulary decode to no text (usage still counts them).
+        log.warning("%s has no tokenizer; using tiny's (pass --tokenizer to choose)", cfg.model)
+        source = ensure_tiny()
+    tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    if len(tok) > engine.model_config.vocab_size:
+        raise ValueError(
+            f"the tokenizer at {source} has {len(tok)} tokens, more than the model's "
+            f"vocab_size {engine.model_config.vocab_size}: pass a matching --tokenizer"
+        )
+    return engine, tok
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.model = args.model or args.model_tag or "tiny"
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        cfg = _engine_config(args)  # bad values fail here, before the port is taken
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from runtime.server import ModelLoadError, serve
+
+    try:
+        asyncio.run(
+            serve(
+                lambda: load(cfg, args.tokenizer),
+                args.served_model_name or args.model,
+                args.host,
+                args.port,
+                args.max_waiting,
+                args.api_key,
+            )
+        )
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. the port is taken
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

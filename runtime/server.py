@@ -1,0 +1,838 @@
+"""The bundled engine's OpenAI-compatible HTTP server (aiohttp) over `AsyncEngine`.
+
+Endpoints: POST /v1/completions and /v1/chat/completions (streaming or not); GET /v1/models
+(its card also carries `max_model_len` and the engine's `load_breakdown`); GET /health (200
+once the model is loaded and the engine healthy, else 503); GET /metrics (Prometheus text,
+vLLM's metric names, labelled `model_name`).
+
+Server-side timings, where the harness finds them: the final `usage` object of a response
+carries an extra field `timings` = {"queue_ms", "prefill_ms", "decode_ms", "e2e_ms"} (the
+non-streaming response's usage; when streaming, the `include_usage` chunk and, with
+`continuous_usage_stats`, also the chunk that carries `finish_reason`). All are
+time.perf_counter() differences (see `RequestTimings`):
+
+- queue_ms: HTTP arrival -> first scheduled (includes parsing and tokenisation),
+- prefill_ms: first scheduled -> first token,
+- decode_ms: first token -> last token used,
+- e2e_ms: HTTP arrival -> last token used (the response's own writing is not included).
+
+Text. Output tokens are detokenised incrementally as vLLM does: a short window of tokens is
+decoded and only the text that extends the window's previous decoding is emitted, never a
+trailing U+FFFD (a multi-byte character whose bytes have not all arrived). Stop strings are
+matched on that text; the output is cut before the stop string, `finish_reason` is "stop" and
+the request is aborted in the engine. While streaming, the last (longest stop string - 1)
+characters are held back, so no prefix of a stop string is ever sent and then retracted.
+
+A streamed response's headers go out with its first token: errors found before it (queue full,
+a prompt the engine refuses) are proper HTTP statuses; an engine failure after it is an SSE
+`{"error": ...}` event. The model loads in a daemon thread after the socket is up: /health
+answers 503 meanwhile, and the harness measures load time as spawn -> first 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hmac
+import json
+import logging
+import math
+import signal
+import threading
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import jinja2
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from runtime.async_engine import AsyncEngine, EngineCore, EngineDeadError, QueueFull, RequestTimings
+from runtime.sequence import EngineStats, SamplingParams, TokenOutput
+
+if TYPE_CHECKING:  # transformers takes seconds to import; the socket must be up before that
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+EngineFactory = Callable[[], "tuple[EngineCore, PreTrainedTokenizerBase]"]
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# A 1M-token prompt sent as token ids is about 8 MB of JSON; aiohttp's default cap is 1 MiB.
+CLIENT_MAX_SIZE = 64 * 1024 * 1024
+# Prompt tokens decoded ahead of the output, so that tokenizers which drop a leading space at
+# the start of a decode (SentencePiece) still produce the output's first space (vLLM uses 5).
+DETOKENIZE_CONTEXT = 5
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what a torch.Generator accepts
+# Fields that change the output in ways this server does not implement, with the values that
+# mean "off": refused rather than silently ignored.
+UNSUPPORTED = {
+    "echo": (False,),
+    "suffix": ("",),
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "best_of": (1,),
+    "logit_bias": ({},),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "repetition_penalty": (1,),
+    "min_tokens": (0,),
+    "tools": ([],),
+    "response_format": ({"type": "text"},),
+}
+# vLLM's histogram buckets, so that dashboards built for vLLM read these unchanged.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+
+
+class ModelLoadError(RuntimeError):
+    """The engine factory failed; the server cannot become healthy."""
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        error = {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}
+        return {"error": error}
+
+    def response(self, headers: dict[str, str]) -> web.Response:
+        return web.json_response(self.body(), status=self.status, headers=headers)
+
+
+def _bad(param: str, message: str) -> ApiError:
+    return ApiError(400, message, param)
+
+
+# --- request parsing -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A validated request, ready for the engine."""
+
+    chat: bool
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise _bad("body", f"The request body is not valid JSON: {exc}.") from exc
+    if not isinstance(body, dict):
+        raise _bad("body", f"The request body must be a JSON object, got {type(body).__name__}.")
+    return body
+
+
+def _int(body: dict[str, Any], name: str, default: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if type(value) is not int:  # bool is an int subclass, and not a valid count
+        raise _bad(name, f"'{name}' must be an integer, got {value!r}.")
+    return value
+
+
+def _float(body: dict[str, Any], name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise _bad(name, f"'{name}' must be a finite number, got {value!r}.")
+    return float(value)
+
+
+def _bool(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _bad(name, f"'{name}' must be a boolean, got {value!r}.")
+    return value
+
+
+def _token_ids(value: object) -> bool:
+    return isinstance(value, list) and all(type(t) is int and t >= 0 for t in value)
+
+
+def _stop_strings(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise _bad("stop", f"'stop' must be a non-empty string or a list of them, got {stop!r}.")
+    return tuple(stops)
+
+
+def _sampling_params(
+    body: dict[str, Any], chat: bool, prompt_len: int, max_model_len: int
+) -> SamplingParams:
+    room = max_model_len - prompt_len
+    where = "messages" if chat else "prompt"
+    if room < 1:
+        raise _bad(
+            where,
+            f"The prompt is {prompt_len} tokens long and this model's maximum context length "
+            f"is {max_model_len} tokens, which leaves no room for output. Shorten the prompt.",
+        )
+    key = "max_tokens"
+    if chat and body.get("max_completion_tokens") is not None:
+        key = "max_completion_tokens"
+    # Chat has no default length in OpenAI's API: the rest of the context, as vLLM does.
+    max_tokens = _int(body, key, room if chat else DEFAULT_MAX_TOKENS)
+    assert max_tokens is not None
+    if max_tokens < 1:
+        raise _bad(key, f"'{key}' must be at least 1, got {max_tokens}.")
+    if max_tokens > room:
+        raise _bad(
+            key,
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt is "
+            f"{prompt_len} tokens and '{key}' asks for {max_tokens} more "
+            f"({prompt_len + max_tokens} in all). Lower '{key}' to at most {room} or shorten "
+            "the prompt.",
+        )
+    temperature = _float(body, "temperature", 1.0)
+    if temperature < 0:
+        raise _bad("temperature", f"'temperature' must be >= 0, got {temperature}.")
+    top_p = _float(body, "top_p", 1.0)
+    if not 0 < top_p <= 1:
+        raise _bad("top_p", f"'top_p' must be in (0, 1], got {top_p}.")
+    top_k = _int(body, "top_k", 0)
+    assert top_k is not None
+    if top_k < -1:
+        raise _bad("top_k", f"'top_k' must be -1 or 0 (off) or a positive integer, got {top_k}.")
+    seed = _int(body, "seed")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise _bad("seed", f"'seed' must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {seed}.")
+    stop_token_ids = body.get("stop_token_ids")
+    if stop_token_ids is not None and not _token_ids(stop_token_ids):
+        raise _bad("stop_token_ids", "'stop_token_ids' must be a list of token ids (ints >= 0).")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=max(top_k, 0),
+        seed=seed,
+        ignore_eos=_bool(body, "ignore_eos"),
+        stop_token_ids=tuple(stop_token_ids or ()),
+        stop=_stop_strings(body),
+    )
+
+
+def _check_supported(body: dict[str, Any]) -> None:
+    n = _int(body, "n", 1)
+    if n != 1:
+        raise _bad("n", f"Only n=1 is supported, got n={n}; send {n} requests instead.")
+    for name, off in UNSUPPORTED.items():
+        if body.get(name) is not None and body[name] not in off:
+            raise _bad(name, f"'{name}' is not supported by this server; remove it or set it "
+                             f"to {off[0]!r}.")  # fmt: skip
+
+
+def _chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "'messages' must be a non-empty list of {role, content} objects.")
+    out = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if not isinstance(role, str):
+            raise _bad("messages", f"messages[{i}] must be an object with a string 'role'.")
+        content = message.get("content")
+        if isinstance(content, list):  # OpenAI content parts; only text is understood here
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in content
+            ):
+                raise _bad(
+                    "messages",
+                    f"messages[{i}].content: only parts of the form "
+                    '{"type": "text", "text": "..."} are supported.',
+                )
+            content = "\n".join(p["text"] for p in content)
+        if not isinstance(content, str | None):
+            raise _bad("messages", f"messages[{i}].content must be a string or a list of parts.")
+        out.append({"role": role, "content": content or ""})
+    return out
+
+
+# --- output text -----------------------------------------------------------------------------
+
+
+class _OutputText:
+    """A request's output text: incremental detokenisation and stop strings (module docstring).
+
+    Invariant: `_ids[_prefix:_read]` is the window whose decoding was already emitted;
+    `_sent <= len(text)` is how much of `text` the client has.
+    """
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], stop: tuple[str, ...]
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._ids = prompt_ids[-DETOKENIZE_CONTEXT:]
+        self._prefix, self._read = 0, len(self._ids)
+        self._stop = stop
+        self._hold = max((len(s) for s in stop), default=1) - 1
+        self._sent = 0
+        self.text = ""
+        self.stopped = False  # a stop string was found; `text` ends before it
+
+    def _decode(self, ids: list[int]) -> str:
+        text = self._tokenizer.decode(ids, skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence in, one string out
+        return text
+
+    def add(self, token_ids: list[int]) -> None:
+        self._ids += token_ids
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return  # nothing printable yet: a special token, or a character still incomplete
+        self._prefix, self._read = self._read, len(self._ids)
+        # A stop string may begin in the last `_hold` characters already held.
+        start = max(len(self.text) - self._hold, 0)
+        self.text += after[len(before) :]
+        found = [i for s in self._stop if (i := self.text.find(s, start)) >= 0]
+        if found:
+            self.text, self.stopped = self.text[: min(found)], True
+
+    def take(self, final: bool) -> str:
+        """The text not yet sent that is safe to send now."""
+        end = len(self.text) if final or self.stopped else len(self.text) - self._hold
+        delta = self.text[self._sent : max(end, self._sent)]
+        self._sent += len(delta)
+        return delta
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+class _EngineCollector(Collector):
+    """Gauges (and the preemption counter) read from the engine at scrape time."""
+
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]) -> None:
+        self._model_name, self._stats = model_name, stats
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._stats()
+        if stats is None:  # still loading: no engine to describe
+            return
+        labels = ["model_name"]
+        gauges = [
+            ("vllm:num_requests_running", "Requests in the running batch.", stats.num_running),
+            ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting),
+            ("vllm:kv_cache_usage_perc", "KV cache usage; 1 means 100 percent.",
+             stats.kv_cache_usage),
+        ]  # fmt: skip
+        for name, doc, value in gauges:
+            gauge = GaugeMetricFamily(name, doc, labels=labels)
+            gauge.add_metric([self._model_name], value)
+            yield gauge
+        preemptions = CounterMetricFamily(
+            "vllm:num_preemptions", "Cumulative preemptions by the engine.", labels=labels
+        )
+        preemptions.add_metric([self._model_name], stats.num_preemptions)
+        yield preemptions
+
+
+class _Metrics:
+    """vLLM's request metrics in a registry of their own (tests run several servers at once)."""
+
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]) -> None:
+        self.registry = r = CollectorRegistry()
+        m = model_name
+        labels = ["model_name"]
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Prefill tokens processed.", labels, registry=r
+        ).labels(m)
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Generation tokens processed.", labels, registry=r
+        ).labels(m)
+        self._success = Counter(
+            "vllm:request_success", "Finished requests.", [*labels, "finished_reason"], registry=r
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds", "Time to first token (arrival to first token).",
+            labels, registry=r, buckets=TTFT_BUCKETS,
+        ).labels(m)  # fmt: skip
+        self.tpot = Histogram(
+            "vllm:time_per_output_token_seconds", "Gap between successive token outputs.",
+            labels, registry=r, buckets=TPOT_BUCKETS,
+        ).labels(m)  # fmt: skip
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds", "Arrival to the last token used.",
+            labels, registry=r, buckets=REQUEST_BUCKETS,
+        ).labels(m)  # fmt: skip
+        self.queue = Histogram(
+            "vllm:request_queue_time_seconds", "Arrival to first scheduled.",
+            labels, registry=r, buckets=REQUEST_BUCKETS,
+        ).labels(m)  # fmt: skip
+        self._model_name = m
+        r.register(_EngineCollector(m, stats))
+
+    def finished(self, reason: str) -> None:
+        self._success.labels(self._model_name, reason).inc()
+
+
+# --- one response ----------------------------------------------------------------------------
+
+
+class _Progress:
+    """A response in the making: reads the request's outputs, turns them into text, and keeps
+    the metrics that follow from them."""
+
+    def __init__(
+        self, job: _Job, outputs: AsyncGenerator[TokenOutput, None],
+        tokenizer: PreTrainedTokenizerBase, timings: RequestTimings, metrics: _Metrics,
+    ) -> None:  # fmt: skip
+        self.job, self.outputs, self.timings, self.metrics = job, outputs, timings, metrics
+        self.text = _OutputText(tokenizer, job.prompt_ids, job.params.stop)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None  # set once the response is complete
+
+    async def next(self) -> str:
+        """Wait for the next output; return the text that may be sent now. When the response
+        is complete, the request's outputs are closed at once, which aborts it in the engine
+        if only a stop string ended it and completes its timings."""
+        out = await anext(self.outputs)
+        if out.new_token_ids:
+            self.completion_tokens += len(out.new_token_ids)
+            self._observe_tokens(len(out.new_token_ids))
+            self.text.add(out.new_token_ids)
+        if self.text.stopped:
+            self.finish_reason = "stop"
+        elif out.finished:
+            self.finish_reason = out.finish_reason or "stop"
+        if self.finish_reason is None:
+            return self.text.take(final=False)
+        await self.outputs.aclose()
+        self.metrics.finished(self.finish_reason)
+        if self.timings.finished is not None:
+            self.metrics.e2e.observe(self.timings.finished - self.timings.arrival)
+        return self.text.take(final=True)
+
+    def _observe_tokens(self, count: int) -> None:
+        m, t = self.metrics, self.timings
+        m.generation_tokens.inc(count)
+        # The engine appended this output's time just before handing it over.
+        if len(t.token_times) == 1:
+            assert t.first_scheduled is not None
+            m.prompt_tokens.inc(len(self.job.prompt_ids))
+            m.ttft.observe(t.token_times[0] - t.arrival)
+            m.queue.observe(t.first_scheduled - t.arrival)
+        else:
+            m.tpot.observe(t.token_times[-1] - t.token_times[-2])
+
+    def usage(self, final: bool) -> dict[str, Any]:
+        usage: dict[str, Any] = {
+            "prompt_tokens": len(self.job.prompt_ids),
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": len(self.job.prompt_ids) + self.completion_tokens,
+        }
+        if final:
+            t = self.timings
+
+            def ms(start: float | None, end: float | None) -> float | None:
+                return None if start is None or end is None else round((end - start) * 1e3, 3)
+
+            usage["timings"] = {
+                "queue_ms": ms(t.arrival, t.first_scheduled),
+                "prefill_ms": ms(t.first_scheduled, t.first_token),
+                "decode_ms": ms(t.first_token, t.finished),
+                "e2e_ms": ms(t.arrival, t.finished),
+            }
+        return usage
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+# --- the server ------------------------------------------------------------------------------
+
+
+async def _in_daemon_thread(fn: Callable[[], T]) -> T:
+    """Like asyncio.to_thread, but in a daemon thread: Ctrl-C during a long model load exits at
+    once instead of waiting for the load (executor threads are joined at exit)."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="model-loader", daemon=True).start()
+    return await asyncio.wrap_future(future)
+
+
+class _Server:
+    def __init__(
+        self, engine_factory: EngineFactory, served_model_name: str, max_waiting: int,
+        api_key: str | None,
+    ) -> None:  # fmt: skip
+        self.engine_factory = engine_factory
+        self.model_name = served_model_name
+        self.max_waiting = max_waiting
+        self.api_key = api_key
+        self.created = int(time.time())
+        self.engine: AsyncEngine | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.load_error: BaseException | None = None
+        self.loading: asyncio.Task[None] | None = None
+        self.metrics = _Metrics(served_model_name, self._stats)
+        # One worker: a Hugging Face tokenizer is not safe to call from two threads at once.
+        # Off the loop, because encoding a long prompt takes milliseconds every stream waits.
+        self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="tokenizer"
+        )
+
+    def _stats(self) -> EngineStats | None:
+        return None if self.engine is None else self.engine.stats()
+
+    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        self.loading = asyncio.create_task(self._load())
+        yield
+        self.loading.cancel()  # stops the waiting only; a load in progress is abandoned
+        await asyncio.wait([self.loading])
+        if self.engine is not None:
+            await self.engine.stop()
+        self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _load(self) -> None:
+        start = time.perf_counter()
+        try:
+            core, tokenizer = await _in_daemon_thread(self.engine_factory)
+        except Exception as exc:
+            log.exception("loading the model failed")
+            self.load_error = exc
+            return
+        engine = AsyncEngine(core, self.max_waiting)
+        engine.start()
+        self.engine, self.tokenizer = engine, tokenizer
+        log.info("model %s loaded in %.2f s", self.model_name, time.perf_counter() - start)
+
+    def _ready(self) -> tuple[AsyncEngine, PreTrainedTokenizerBase]:
+        if self.load_error is not None:
+            message = f"Loading the model failed: {self.load_error!r}."
+            raise ApiError(503, message, kind="service_unavailable")
+        if self.engine is None or self.tokenizer is None:
+            message = "The model is still loading; retry once GET /health answers 200."
+            raise ApiError(503, message, kind="service_unavailable")
+        if not self.engine.healthy:
+            message = "The engine has failed; restart the server (see its log)."
+            raise ApiError(500, message, kind="internal_server_error")
+        return self.engine, self.tokenizer
+
+    @web.middleware
+    async def authenticate(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if self.api_key is not None and request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                error = ApiError(
+                    401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key",
+                )  # fmt: skip
+                return error.response({})
+        return await handler(request)
+
+    async def get_health(self, request: web.Request) -> web.Response:
+        try:
+            self._ready()
+        except ApiError as exc:
+            return web.Response(status=503, text=str(exc))
+        return web.Response(text="ok")
+
+    async def get_models(self, request: web.Request) -> web.Response:
+        card: dict[str, Any] = {
+            "id": self.model_name, "object": "model", "created": self.created,
+            "owned_by": "runtime",
+        }  # fmt: skip
+        if self.engine is not None:
+            card["max_model_len"] = self.engine.max_model_len
+            card["load_breakdown"] = self.engine.core.load_breakdown()
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def get_metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def post_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=False)
+
+    async def post_chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=True)
+
+    async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        arrival = time.perf_counter()
+        headers = {"X-Request-Id": request.headers.get("X-Request-Id") or uuid.uuid4().hex}
+        try:
+            engine, tokenizer = self._ready()
+            job = await self._parse(await request.read(), chat, engine, tokenizer)
+            return await self._generate(request, job, engine, tokenizer, arrival, headers)
+        except ApiError as exc:
+            return exc.response(headers)
+
+    async def _parse(
+        self, raw: bytes, chat: bool, engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase
+    ) -> _Job:
+        body = _json_object(raw)
+        model = body.get("model")
+        if model is not None and model != self.model_name:
+            raise ApiError(
+                404, f"The model {model!r} does not exist; this server serves "
+                f"{self.model_name!r} (GET /v1/models).", "model", "model_not_found",
+            )  # fmt: skip
+        _check_supported(body)
+        stream = _bool(body, "stream")
+        options = body.get("stream_options")
+        if options is not None and (not isinstance(options, dict) or not stream):
+            raise _bad("stream_options", "'stream_options' must be an object, with stream=true.")
+        options = options or {}
+        if chat:
+            prompt_ids = await self._chat_prompt(_chat_messages(body), tokenizer)
+        else:
+            prompt_ids = await self._completion_prompt(body.get("prompt"), tokenizer)
+        params = _sampling_params(body, chat, len(prompt_ids), engine.max_model_len)
+        return _Job(
+            chat, prompt_ids, params, stream, options.get("include_usage") is True,
+            options.get("continuous_usage_stats") is True,
+        )  # fmt: skip
+
+    async def _completion_prompt(
+        self, prompt: object, tokenizer: PreTrainedTokenizerBase
+    ) -> list[int]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]
+        if isinstance(prompt, str) and prompt:
+            ids = await asyncio.get_running_loop().run_in_executor(
+                self.tokenize_pool, tokenizer.encode, prompt
+            )
+        elif _token_ids(prompt):
+            assert isinstance(prompt, list)
+            ids = prompt
+        else:
+            raise _bad(
+                "prompt",
+                "'prompt' must be a non-empty string or list of token ids, or a list holding "
+                "one of them (one prompt per request).",
+            )
+        if not ids:
+            raise _bad("prompt", "The prompt encodes to no tokens; send some text.")
+        return list(ids)
+
+    async def _chat_prompt(
+        self, messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase
+    ) -> list[int]:
+        def encode() -> list[int]:
+            # Rendered to text, then encoded without special tokens: the template writes them.
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            assert isinstance(text, str)
+            return list(tokenizer.encode(text, add_special_tokens=False))
+
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.tokenize_pool, encode)
+        except (ValueError, jinja2.TemplateError) as exc:
+            message = f"The chat template could not render the messages: {exc}"
+            raise _bad("messages", message) from exc
+
+    async def _generate(
+        self, request: web.Request, job: _Job, engine: AsyncEngine,
+        tokenizer: PreTrainedTokenizerBase, arrival: float, headers: dict[str, str],
+    ) -> web.StreamResponse:  # fmt: skip
+        timings = RequestTimings(arrival)
+        outputs = engine.generate(job.prompt_ids, job.params, timings)
+        progress = _Progress(job, outputs, tokenizer, timings, self.metrics)
+        # However the response ends (disconnect, cancellation, error), closing the outputs
+        # aborts the request in the engine unless it finished there.
+        async with contextlib.aclosing(outputs):
+            try:
+                text = await progress.next()
+            except QueueFull as exc:
+                kind, code = "rate_limit_error", "rate_limit_exceeded"
+                raise ApiError(429, str(exc), None, code, kind) from exc
+            except ValueError as exc:  # the engine refused the prompt
+                raise _bad("messages" if job.chat else "prompt", str(exc)) from exc
+            except EngineDeadError as exc:
+                raise ApiError(500, str(exc), kind="internal_server_error") from exc
+            try:
+                if job.stream:
+                    return await self._stream(request, job, progress, text, headers)
+                while progress.finish_reason is None:
+                    text += await progress.next()
+            except EngineDeadError as exc:
+                raise ApiError(500, str(exc), kind="internal_server_error") from exc
+            finally:
+                if progress.finish_reason is None:
+                    self.metrics.finished("abort")
+        choice: dict[str, Any] = {"index": 0, "logprobs": None}
+        if job.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice["finish_reason"] = progress.finish_reason
+        body = self._head(job, headers, chunk=False)
+        body.update(choices=[choice], usage=progress.usage(final=True))
+        return web.json_response(body, headers=headers)
+
+    def _head(self, job: _Job, headers: dict[str, str], chunk: bool) -> dict[str, Any]:
+        kind = "chat.completion" if job.chat else "text_completion"
+        return {
+            "id": f"{'chatcmpl' if job.chat else 'cmpl'}-{headers['X-Request-Id']}",
+            "object": f"{kind}.chunk" if chunk and job.chat else kind,
+            "created": int(time.time()),
+            "model": self.model_name,
+        }
+
+    async def _stream(
+        self, request: web.Request, job: _Job, progress: _Progress, text: str,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:  # fmt: skip
+        """Stream the response whose first output gave `text`."""
+        response = web.StreamResponse(
+            headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        head = self._head(job, headers, chunk=True)
+        first_chunk = True
+        try:
+            while True:
+                done = progress.finish_reason is not None
+                # With per-chunk usage a chunk without text still tells the client when a token
+                # left the server (its text may be held back: a partial character or stop).
+                if text or done or job.continuous_usage:
+                    choice: dict[str, Any] = {"index": 0, "logprobs": None}
+                    if job.chat:
+                        role = {"role": "assistant"} if first_chunk else {}
+                        choice["delta"] = {**role, "content": text}
+                    else:
+                        choice["text"] = text
+                    choice["finish_reason"] = progress.finish_reason
+                    chunk = {**head, "choices": [choice]}
+                    if job.continuous_usage:
+                        chunk["usage"] = progress.usage(final=done)
+                    await response.write(_sse(chunk))
+                    first_chunk = False
+                if done:
+                    break
+                text = await progress.next()
+            tail = b"data: [DONE]\n\n"
+            if job.include_usage:
+                tail = _sse({**head, "choices": [], "usage": progress.usage(final=True)}) + tail
+            await response.write(tail)
+        except EngineDeadError as exc:
+            error = ApiError(500, str(exc), kind="internal_server_error")
+            await response.write(_sse(error.body()) + b"data: [DONE]\n\n")
+        except ConnectionResetError:  # the client went away; closing the outputs aborts
+            return response
+        await response.write_eof()
+        return response
+
+
+_SERVER = web.AppKey("server", _Server)
+
+
+def build_app(
+    engine_factory: EngineFactory,
+    served_model_name: str,
+    max_waiting: int = 0,
+    api_key: str | None = None,
+) -> web.Application:
+    """The server as an aiohttp application. `engine_factory` runs in a thread when the app
+    starts; `max_waiting` (0: unbounded) caps requests waiting beyond those running (429)."""
+    server = _Server(engine_factory, served_model_name, max_waiting, api_key)
+    app = web.Application(client_max_size=CLIENT_MAX_SIZE, middlewares=[server.authenticate])
+    app[_SERVER] = server
+    app.cleanup_ctx.append(server.lifecycle)
+    app.router.add_post("/v1/completions", server.post_completions)
+    app.router.add_post("/v1/chat/completions", server.post_chat_completions)
+    app.router.add_get("/v1/models", server.get_models)
+    app.router.add_get("/health", server.get_health)
+    app.router.add_get("/metrics", server.get_metrics)
+    return app
+
+
+async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
+    """Listen on host:port (port 0 picks a free one); the runner, to clean up, and the base
+    URL."""
+    # Cancelling handlers on disconnect aborts a request at once, even one still queued or in
+    # prefill, rather than at its next write. No access log: a line per request costs the loop
+    # time every stream waits for. A short shutdown timeout ends in-flight streams on SIGTERM.
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0][1]
+    return runner, f"http://{f'[{host}]' if ':' in host else host}:{bound}"
+
+
+async def serve(
+    engine_factory: EngineFactory,
+    served_model_name: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_waiting: int = 0,
+    api_key: str | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT. Raises ModelLoadError if the model cannot be loaded, so
+    that a managed server exits instead of answering 503 forever."""
+    app = build_app(engine_factory, served_model_name, max_waiting, api_key)
+    runner, url = await start_server(app, host, port)
+    log.info("listening on %s; loading the model", url)
+    server = app[_SERVER]
+    assert server.loading is not None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([stopped, server.loading], return_when=asyncio.FIRST_COMPLETED)
+        if server.load_error is not None:
+            raise ModelLoadError(f"loading the model failed: {server.load_error!r}") from (
+                server.load_error
+            )
+        await stopped
+    finally:
+        stopped.cancel()
+        await runner.cleanup()

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help install test test-fast lint format baseline refserver calibrate client-capacity clean
+.PHONY: help install test test-fast lint format baseline serve refserver calibrate client-capacity clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -37,8 +37,11 @@ test: lint  ## Lint, then the whole test suite (fast tests first, then the slow 
 test-fast: $(INSTALLED)  ## Only the fast tests
 	$(BIN)/python -m pytest -m 'not slow' -q
 
-baseline: $(INSTALLED)  ## The standard scenarios against the built-in reference server
-	$(BIN)/python -m bench -m scenario=short_qa,long_generation,concurrency target=refserver
+baseline: $(INSTALLED)  ## The standard scenarios against the bundled engine on the embedded tiny model
+	$(BIN)/python -m bench -m scenario=short_qa,long_generation,concurrency target=bundled
+
+serve: $(INSTALLED)  ## Serve the bundled engine (tiny) on 127.0.0.1:8000
+	$(BIN)/python -m runtime serve --model tiny
 
 refserver: $(INSTALLED)  ## Serve the reference token schedule on 127.0.0.1:8000
 	$(BIN)/python -m bench.refserver

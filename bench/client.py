@@ -43,6 +43,9 @@ class RequestResult:
     output_tokens: int | None = None
     output_tokens_source: str | None = None  # usage | tokenizer | events
     token_attribution: str | None = None  # usage | tokenizer | events
+    # The server's own account of the request, where its final usage carries one (the bundled
+    # engine's `usage.timings`): queue_ms, prefill_ms, decode_ms, e2e_ms.
+    server_timings: dict[str, float] | None = None
 
     @property
     def first_token_s(self) -> float | None:
@@ -141,6 +144,11 @@ class _Stream:
         usage = self.final_usage or {}
         if isinstance(usage.get("prompt_tokens"), int):
             result.prompt_tokens = usage["prompt_tokens"]
+        timings = usage.get("timings")
+        if isinstance(timings, dict):
+            result.server_timings = {
+                k: float(v) for k, v in timings.items() if isinstance(v, int | float)
+            }
         counts: list[int]
         if self.cum_usage and all(c is not None for c in self.cum_usage):
             cums = [int(c) for c in self.cum_usage if c is not None]

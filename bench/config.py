@@ -20,7 +20,7 @@ SCENARIOS_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 
 ENDPOINTS = ("completions", "chat")
 PROMPT_FORMATS = ("auto", "token_ids", "text")
-TARGET_KINDS = ("openai", "refserver")
+TARGET_KINDS = ("openai", "refserver", "bundled")
 
 
 class ConfigError(ValueError):

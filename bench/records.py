@@ -12,7 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,11 @@ class RequestRecord:
     itl_ms: list[float]
     event_ms: list[float]  # arrival of each token-bearing event after the send
     event_tokens: list[int]
+    # As the server saw the request (usage.timings; null for servers that do not report it).
+    server_queue_ms: float | None
+    server_prefill_ms: float | None
+    server_decode_ms: float | None
+    server_e2e_ms: float | None
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,7 @@ class RunRecord:
     peak_gpu_memory_mib_total: float | None
     peak_rss_mib: float | None  # managed server process tree, the CPU stand-in for VRAM
     load_time_s: float | None  # managed server: spawn to first healthy response
+    load_breakdown_json: str | None  # the engine's own phases (read, place, KV cache, warm-up)
     target_kind: str
     base_url: str
     model: str

@@ -60,6 +60,7 @@ def _record(
     first = r.first_token_s
     n_out = r.output_tokens or 0
     tpot = (r.end_s - first) / (n_out - 1) if r.ok and first is not None and n_out > 1 else None
+    server = r.server_timings or {}
     return RequestRecord(
         schema_version=SCHEMA_VERSION,
         run_id=run_id,
@@ -94,6 +95,10 @@ def _record(
         itl_ms=[g * 1000.0 for g in r.itl_s()],
         event_ms=[(t - r.sent_s) * 1000.0 for t in r.event_s],
         event_tokens=r.event_tokens,
+        server_queue_ms=server.get("queue_ms"),
+        server_prefill_ms=server.get("prefill_ms"),
+        server_decode_ms=server.get("decode_ms"),
+        server_e2e_ms=server.get("e2e_ms"),
     )
 
 
@@ -201,6 +206,11 @@ class _Run:
             peak_gpu_memory_mib_total=sum(v for _, v in gpus) if gpus else None,
             peak_rss_mib=peaks.get("process.rss_mib"),
             load_time_s=self.server.load_time_s,
+            load_breakdown_json=(
+                None
+                if self.server.load_breakdown is None
+                else json.dumps(self.server.load_breakdown, sort_keys=True)
+            ),
             target_kind=cfg.target.kind,
             base_url=self.server.base_url,
             model=self.server.model,

@@ -14,13 +14,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from bench.config import TargetConfig
 
 # How a managed target kind is launched; `--host/--port/--model` are appended.
-_COMMANDS = {"refserver": [sys.executable, "-m", "bench.refserver"]}
+_COMMANDS = {
+    "refserver": [sys.executable, "-m", "bench.refserver"],
+    "bundled": [sys.executable, "-m", "runtime", "serve"],
+}
 
 
 class TargetError(RuntimeError):
@@ -33,6 +37,7 @@ class Server:
     model: str
     load_time_s: float | None  # None for servers the harness did not start
     process: subprocess.Popen[bytes] | None = None
+    load_breakdown: dict[str, float] | None = None  # the engine's own, where it reports one
 
     def exit_code(self) -> int | None:
         """For a managed server: its exit code once it has died, else None."""
@@ -50,8 +55,8 @@ def _get(url: str, api_key: str | None, timeout_s: float = 5.0) -> tuple[int, by
         return exc.code, exc.read()
 
 
-def resolve_model(base_url: str, model: str | None, api_key: str | None) -> str:
-    """Check the server answers and serves `model` (or pick its first model)."""
+def _model_cards(base_url: str, api_key: str | None) -> list[dict[str, Any]]:
+    """The server's /v1/models entries; raises TargetError saying what to do if it fails."""
     url = f"{base_url}/v1/models"
     try:
         status, body = _get(url, api_key)
@@ -66,14 +71,20 @@ def resolve_model(base_url: str, model: str | None, api_key: str | None) -> str:
             f"{url} refused the request (HTTP {status}): set target.api_key=... or the "
             "OPENAI_API_KEY environment variable."
         )
-    served: list[str] = []
+    cards: list[dict[str, Any]] = []
     if status == 200:
         with contextlib.suppress(ValueError, KeyError, TypeError):
-            served = [m["id"] for m in json.loads(body)["data"]]
+            cards = [m for m in json.loads(body)["data"] if isinstance(m.get("id"), str)]
+    return cards
+
+
+def resolve_model(base_url: str, model: str | None, api_key: str | None) -> str:
+    """Check the server answers and serves `model` (or pick its first model)."""
+    served: list[str] = [card["id"] for card in _model_cards(base_url, api_key)]
     if model is None:
         if not served:
             raise TargetError(
-                f"{url} did not list any model (HTTP {status}); name one with target.model=ID."
+                f"{base_url}/v1/models did not list any model; name one with target.model=ID."
             )
         return served[0]
     if served and model not in served:
@@ -82,6 +93,28 @@ def resolve_model(base_url: str, model: str | None, api_key: str | None) -> str:
             f"Set target.model to one of them."
         )
     return model
+
+
+def _load_breakdown(base_url: str, model: str) -> dict[str, float] | None:
+    """The engine's own account of its load time, where its model card carries one (the
+    bundled engine's does)."""
+    for card in _model_cards(base_url, None):
+        if card["id"] == model and isinstance(card.get("load_breakdown"), dict):
+            return {k: float(v) for k, v in card["load_breakdown"].items()}
+    return None
+
+
+def _flags(server_args: Mapping[str, Any]) -> list[str]:
+    """`{max_num_seqs: 64, enable_prefix_caching: true, seed: null}` -> `--max-num-seqs 64
+    --enable-prefix-caching`: null keeps the server's default, a boolean is a bare flag."""
+    flags: list[str] = []
+    for key, value in server_args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is not None and value is not False:
+            flags += [flag, str(value)]
+    return flags
 
 
 def _free_port() -> int:
@@ -118,14 +151,14 @@ def serve(target: TargetConfig) -> Iterator[Server]:
     cmd = [*_COMMANDS[target.kind], "--host", "127.0.0.1", "--port", str(port)]
     if target.model:
         cmd += ["--model", target.model]
-    for key, value in target.server_args.items():
-        cmd += [f"--{key}", str(value)]
+    cmd += _flags(target.server_args)
     spawned = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     try:
         _wait_healthy(proc, base_url, target.startup_timeout_s)
         load_time_s = time.monotonic() - spawned
-        yield Server(base_url, resolve_model(base_url, target.model, None), load_time_s, proc)
+        model = resolve_model(base_url, target.model, None)
+        yield Server(base_url, model, load_time_s, proc, _load_breakdown(base_url, model))
     finally:
         proc.terminate()
         try:

@@ -24,6 +24,7 @@ def _req(ok: bool = True, ttft: float = 100.0, out: int = 11, e2e: float = 200.0
         e2e_ms=e2e if ok else None, ttft_from_scheduled_ms=ttft if ok else None,
         e2e_from_scheduled_ms=e2e if ok else None,
         itl_ms=[10.0] * (out - 1) if ok else [], event_ms=[], event_tokens=[],
+        server_queue_ms=None, server_prefill_ms=None, server_decode_ms=None, server_e2e_ms=None,
     )  # fmt: skip
 
 

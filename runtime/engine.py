@@ -19,6 +19,7 @@ from runtime.layers.attention import TorchAttention
 from runtime.loader import load_checkpoint, load_dummy
 from runtime.model_runner import ModelRunner
 from runtime.models.llama import LlamaForCausalLM
+from runtime.quantization import quantize, weight_bytes
 from runtime.sampler import Sampler
 from runtime.scheduler import Scheduler
 from runtime.sequence import EngineStats, SamplingParams, Sequence, TokenOutput
@@ -32,6 +33,8 @@ CPU_CACHE_SEQUENCES = 16
 class LoadBreakdown:
     read_s: float
     place_s: float
+    quantize_s: float  # float weights to the quantised form (0 without --quantization)
+    weight_bytes: int  # the model's parameters as held, quantised ones at their packed size
     kv_cache_s: float
     kv_cache_bytes: int
     warmup_s: float  # one short request end to end, so the first real one is not the slow one
@@ -71,16 +74,21 @@ class Engine:
                 f"({mcfg.max_position_embeddings}), got {self.max_model_len}"
             )
         torch.manual_seed(cfg.seed)
-        model = LlamaForCausalLM(mcfg, TorchAttention()).to(dtype).eval()
+        backend = TorchAttention()
+        model = LlamaForCausalLM(mcfg, backend).to(dtype).eval()
         if cfg.load_format == "dummy":
             times = load_dummy(model, cfg.seed)
         else:
             times = load_checkpoint(model, path if path.is_dir() else path.parent)
+        start = time.perf_counter()
+        if cfg.quantization is not None:
+            quantize(model, cfg.quantization)  # after loading: the loaders write float weights
+        quantize_s = time.perf_counter() - start
         bs = cfg.block_size
         blocks = cfg.num_kv_blocks or -(-self.max_model_len // bs) * CPU_CACHE_SEQUENCES
         start = time.perf_counter()
         self.runner = ModelRunner(
-            model, mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_dim,
+            model, backend, mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_dim,
             blocks, bs, dtype, torch.device("cpu"),
         )  # fmt: skip
         kv_cache_s = time.perf_counter() - start
@@ -97,7 +105,10 @@ class Engine:
         self.generate([warmup], SamplingParams(max_tokens=1, temperature=0.0))
         warmup_s = time.perf_counter() - start
         kv_bytes = self.runner.kv_cache_bytes
-        self.load = LoadBreakdown(times.read_s, times.place_s, kv_cache_s, kv_bytes, warmup_s)
+        self.load = LoadBreakdown(
+            times.read_s, times.place_s, quantize_s, weight_bytes(model), kv_cache_s, kv_bytes,
+            warmup_s,
+        )  # fmt: skip
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
         if not prompt_ids:

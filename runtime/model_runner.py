@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.layers.attention import AttentionMetadata
+from runtime.layers.attention import AttentionBackend, AttentionMetadata
 from runtime.models.llama import LlamaForCausalLM
 from runtime.scheduler import Step
 
@@ -19,6 +19,7 @@ class ModelRunner:
     def __init__(
         self,
         model: LlamaForCausalLM,
+        backend: AttentionBackend,
         num_layers: int,
         num_kv_heads: int,
         head_dim: int,
@@ -28,7 +29,7 @@ class ModelRunner:
         device: torch.device,
     ) -> None:
         self.model, self.block_size, self.device = model, block_size, device
-        shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @property

@@ -1,7 +1,9 @@
 """Attention over the paged KV cache, behind one backend interface.
 
-The cache of one layer is a tensor [2 (k, v), num_blocks, block_size, num_kv_heads, head_dim].
-A step's tokens are flattened across sequences; `AttentionMetadata` says where each new token's
+The backend chooses the cache layout (`kv_cache_shape`); the reference backend's is head-major,
+[2 (k, v), num_blocks, num_kv_heads, block_size, head_dim], so that a block's keys for one head
+are one contiguous matrix and decode attention can multiply gathered blocks in place. A step's
+tokens are flattened across sequences; `AttentionMetadata` says where each new token's
 K/V goes (`slot_mapping` = block_id * block_size + offset) and which blocks hold each sequence's
 context. One call handles prefill (whole or chunked, after a cached prefix), decode, and a mix.
 """
@@ -24,6 +26,12 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
+    def kv_cache_shape(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        """The shape of one layer's cache, in this backend's layout."""
+        ...
+
     def forward(
         self,
         q: torch.Tensor,  # [tokens, heads, head_dim]
@@ -55,6 +63,11 @@ class TorchAttention:
 
     def __init__(self) -> None:
         self._plan: tuple[AttentionMetadata, _Plan] | None = None
+
+    def kv_cache_shape(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        return (2, num_blocks, num_kv_heads, block_size, head_dim)
 
     def _plan_for(self, meta: AttentionMetadata, block_size: int) -> _Plan:
         if self._plan is not None and self._plan[0] is meta:
@@ -91,39 +104,54 @@ class TorchAttention:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
-        flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
-        flat[0].index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
-        flat[1].index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
+        _, _, kv_heads, block_size, head_dim = kv_cache.shape
+        blocks, offsets = meta.slot_mapping // block_size, meta.slot_mapping % block_size
+        kv_cache[0, blocks, :, offsets] = k.to(kv_cache.dtype)
+        kv_cache[1, blocks, :, offsets] = v.to(kv_cache.dtype)
         plan = self._plan_for(meta, block_size)
         out = torch.empty_like(q)
-
-        def context(blocks: torch.Tensor, which: int) -> torch.Tensor:
-            """[..., kv_heads, tokens, head_dim] of the given blocks, in order."""
-            x = kv_cache[which, blocks]  # [..., blocks, block_size, kv_heads, head_dim]
-            x = x.reshape(*blocks.shape[:-1], -1, kv_heads, head_dim)
-            return x.transpose(-3, -2).to(q.dtype)
-
         if len(plan.decode_rows):
-            # Plain matmuls with the query heads grouped under their KV head: no repeated K/V,
-            # and faster on CPU than SDPA's masked path for a single query row.
-            # Padding keys (block 0 for -1 entries, slots past a context's end) are masked,
-            # but their values still meet a zero weight: the cache must hold finite numbers
-            # everywhere (allocate it zeroed, never with torch.empty), as 0 * NaN is NaN.
-            decoders = len(plan.decode_rows)
-            grouped = q[plan.decode_rows].view(decoders, kv_heads, -1, head_dim)
-            scores = grouped @ context(plan.decode_blocks, 0).transpose(-1, -2) * scale
-            scores.masked_fill_(~plan.decode_mask, float("-inf"))
-            o = torch.softmax(scores, dim=-1) @ context(plan.decode_blocks, 1)
-            out[plan.decode_rows] = o.view(decoders, -1, head_dim)
-        for lo, hi, length, blocks in plan.prefills:
+            out[plan.decode_rows] = self._decode(q[plan.decode_rows], kv_cache, plan, scale)
+        for lo, hi, length, table in plan.prefills:
             n = hi - lo
+            # [kv_heads, tokens, head_dim] of the sequence's blocks, in order.
+            k_ctx, v_ctx = (
+                kv_cache[which]
+                .index_select(0, table)
+                .transpose(0, 1)
+                .reshape(kv_heads, -1, head_dim)[:, :length]
+                for which in (0, 1)
+            )
             # Query j of the n new tokens sits at position length - n + j and sees keys up to it.
             mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
             o = F.scaled_dot_product_attention(
-                q[lo:hi].transpose(0, 1),
-                context(blocks, 0)[:, :length], context(blocks, 1)[:, :length],
+                q[lo:hi].transpose(0, 1), k_ctx.to(q.dtype), v_ctx.to(q.dtype),
                 attn_mask=mask, scale=scale, enable_gqa=True,
             )  # fmt: skip
             out[lo:hi] = o.transpose(0, 1)
         return out
+
+    @staticmethod
+    def _decode(q: torch.Tensor, kv_cache: torch.Tensor, plan: _Plan, scale: float) -> torch.Tensor:
+        """One query row per sequence against its gathered blocks, block by block: the
+        head-major blocks are multiplied where the gather put them (no transposed copy of the
+        context), and only the small score tensor is rearranged for the softmax.
+
+        Padding keys (block 0 for -1 entries, slots past a context's end) are masked, but their
+        values still meet a zero weight: the cache must hold finite numbers everywhere
+        (allocate it zeroed, never with torch.empty), as 0 * NaN is NaN.
+        """
+        decoders, (_, _, kv_heads, block_size, head_dim) = len(q), kv_cache.shape
+        blocks = plan.decode_blocks.shape[1]
+        # index_select on a flat index: ~4x faster on CPU than advanced indexing by the table.
+        flat = plan.decode_blocks.flatten()
+        shape = (decoders, blocks, kv_heads, block_size, head_dim)
+        keys, values = (kv_cache[w].index_select(0, flat).view(shape).to(q.dtype) for w in (0, 1))
+        grouped = q.view(decoders, 1, kv_heads, -1, head_dim)  # [d, 1, kv, group, hd]
+        scores = grouped @ keys.transpose(-1, -2) * scale  # [d, blocks, kv, group, bs]
+        # Softmax over each sequence's whole context: blocks and slots together.
+        scores = scores.permute(0, 2, 3, 1, 4).reshape(decoders, kv_heads, -1, blocks * block_size)
+        scores.masked_fill_(~plan.decode_mask, float("-inf"))
+        weights = torch.softmax(scores, dim=-1).view(decoders, kv_heads, -1, blocks, block_size)
+        o = weights.permute(0, 3, 1, 2, 4) @ values  # [d, blocks, kv, group, hd]
+        return o.sum(dim=1).view(decoders, -1, head_dim)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.layers.attention import AttentionMetadata
+from runtime.layers.attention import AttentionMetadata, TorchAttention
 from runtime.models.llama import LlamaForCausalLM
 
 
@@ -21,7 +21,9 @@ class Chunk:
 
 def new_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int) -> list[torch.Tensor]:
     cfg = model.config
-    shape = (2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+    shape = TorchAttention().kv_cache_shape(
+        num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim
+    )
     return [torch.zeros(shape) for _ in range(cfg.num_hidden_layers)]
 
 
@@ -29,7 +31,7 @@ def run_step(
     model: LlamaForCausalLM, caches: list[torch.Tensor], chunks: list[Chunk]
 ) -> list[torch.Tensor]:
     """Logits [len(tokens), vocab] of every chunk, after one forward of them all together."""
-    block_size = caches[0].shape[2]
+    block_size = caches[0].shape[3]  # head-major: [2, blocks, kv_heads, block_size, head_dim]
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []

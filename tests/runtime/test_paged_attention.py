@@ -88,7 +88,8 @@ def test_mixed_batch_over_shuffled_blocks_equals_each_sequence_alone(
 def test_new_keys_and_values_land_in_the_slots_named(model: LlamaForCausalLM) -> None:
     caches = new_caches(model, 8, BLOCK)
     run_step(model, caches, [Chunk(PROMPT[:6], 0, [5, 2])])
-    written = caches[0].flatten(1, 2).abs().sum(dim=(0, 2, 3)) > 0  # per slot
+    # [2, blocks, kv_heads, block_size, head_dim] -> one flag per slot (block * BLOCK + offset)
+    written = caches[0].abs().sum(dim=(0, 2, 4)).flatten() > 0
     expected = torch.zeros(8 * BLOCK, dtype=torch.bool)
     expected[[20, 21, 22, 23, 8, 9]] = True  # block 5 slots 0-3, then block 2 slots 0-1
     assert torch.equal(written, expected)

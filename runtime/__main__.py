@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime.config import DTYPES, EngineConfig
+from runtime.config import DTYPES, QUANTIZATIONS, EngineConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -85,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="dummy: seeded random weights, no checkpoint read")  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
-    p.add_argument("--quantization", default=None)
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help="weight-only quantisation of the linear layers: int8 per output "
+                   "channel, int4 per group (default: float weights)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 

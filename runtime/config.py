@@ -13,6 +13,7 @@ import torch
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 ARCHITECTURES_DIR = Path(__file__).resolve().parent / "architectures"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+QUANTIZATIONS = ("int8", "int4")  # weight-only; see runtime/quantization.py
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class EngineConfig:
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
     load_format: str = "auto"
-    quantization: str | None = None
+    quantization: str | None = None  # None (float weights) or one of QUANTIZATIONS
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -129,5 +130,5 @@ class EngineConfig:
             raise bad("tensor_parallel_size", "1 (tensor parallelism is not built yet)")
         if self.load_format not in ("auto", "dummy"):
             raise bad("load_format", "auto or dummy")
-        if self.quantization is not None:
-            raise bad("quantization", "None (quantised builds are not built yet)")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise bad("quantization", "None (float weights) or one of " + ", ".join(QUANTIZATIONS))

@@ -80,10 +80,11 @@ class Engine:
             times = load_dummy(model, cfg.seed)
         else:
             times = load_checkpoint(model, path if path.is_dir() else path.parent)
-        start = time.perf_counter()
+        quantize_s = 0.0
         if cfg.quantization is not None:
+            start = time.perf_counter()
             quantize(model, cfg.quantization)  # after loading: the loaders write float weights
-        quantize_s = time.perf_counter() - start
+            quantize_s = time.perf_counter() - start
         bs = cfg.block_size
         blocks = cfg.num_kv_blocks or -(-self.max_model_len // bs) * CPU_CACHE_SEQUENCES
         start = time.perf_counter()

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help install test test-fast lint format baseline serve refserver calibrate client-capacity clean
+.PHONY: help install test test-fast lint format baseline compare-quant serve refserver calibrate client-capacity clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -37,8 +37,16 @@ test: lint  ## Lint, then the whole test suite (fast tests first, then the slow 
 test-fast: $(INSTALLED)  ## Only the fast tests
 	$(BIN)/python -m pytest -m 'not slow' -q
 
-baseline: $(INSTALLED)  ## The standard scenarios against the bundled engine on the embedded tiny model
-	$(BIN)/python -m bench -m scenario=short_qa,long_generation,concurrency target=bundled
+baseline: $(INSTALLED)  ## The standard scenarios on the bundled engine (tiny), kept as baseline `main`
+	$(BIN)/python -m bench -m scenario=short_qa,long_generation,concurrency target=bundled \
+		baseline.save=main
+
+# Interleaved A/B (A B B A ...) on this machine: the float build against the int8 one.
+QUANT ?= int8
+compare-quant: $(INSTALLED)  ## The bundled engine float vs int8 (QUANT=int4), interleaved, with a report
+	$(BIN)/python -m bench.compare interleave.rounds=5 \
+		'interleave.common=[scenario=concurrency,target=bundled,"scenario.concurrency=[1,8]",scenario.num_requests=16]' \
+		'interleave.candidate=[runtime.quantization=$(QUANT)]' report=reports/quant-$(QUANT)
 
 serve: $(INSTALLED)  ## Serve the bundled engine (tiny) on 127.0.0.1:8000
 	$(BIN)/python -m runtime serve --model tiny

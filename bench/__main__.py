@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from bench import baseline
 from bench.config import ConfigError, from_hydra
 from bench.runner import WarmupError, run
 from bench.summary import print_summary
@@ -27,7 +29,12 @@ def main(cfg: DictConfig) -> None:
         sys.exit(EXIT_UNUSABLE)
     print_summary(result.runs, result.requests, bench_cfg.slo)
     print(f"results: {result.run_dir}")
+    if bench_cfg.baseline_save and result.status == "complete":
+        home = baseline.save(result.run_dir, bench_cfg.baseline_save, Path(bench_cfg.baselines_dir))
+        print(f"baseline: {home} ({bench_cfg.scenario.name} saved)")
     if result.status != "complete":
+        if bench_cfg.baseline_save:
+            print("error: a partial run is not saved as a baseline", file=sys.stderr)
         print(
             f"error: run is partial: {result.reason}. Every finished request is in "
             f"{result.run_dir}.",

@@ -172,6 +172,8 @@ class BenchConfig:
     client: ClientConfig
     slo: SloConfig
     results_dir: str
+    baseline_save: str | None  # also keep the run as part of this named baseline
+    baselines_dir: str
     seed: int
     progress: bool
     telemetry_interval_s: float
@@ -274,6 +276,8 @@ def from_hydra(cfg: DictConfig) -> BenchConfig:
             e2e_ms=_optional_float("slo.e2e_ms", slo["e2e_ms"]),
         ),
         results_dir=str(_str("results_dir", raw["results_dir"])),
+        baseline_save=_str("baseline.save", raw["baseline"]["save"], optional=True),
+        baselines_dir=str(_str("baseline.dir", raw["baseline"]["dir"])),
         seed=_int("seed", raw["seed"], minimum=0),
         progress=bool(raw["progress"]),
         telemetry_interval_s=_float("telemetry.interval_s", raw["telemetry"]["interval_s"]),

@@ -1,0 +1,114 @@
+"""Named baselines: runs kept under `results/baselines/NAME/` to compare later builds against.
+
+A baseline holds one run per scenario (saving a scenario again replaces its earlier run), each
+as the run's own Parquet directory, plus `manifest.json` saying what each run measured: model,
+engine settings, workload hash, hardware, git commit and date. A few hundred kilobytes: small
+enough to commit beside the code whose performance it pins.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Entry:
+    run_id: str
+    scenario: str
+    model: str
+    target_kind: str
+    engine: str  # the engine knobs set on the command line, e.g. "max_num_seqs=64", or ""
+    workload_hash: str
+    hardware_key: str
+    git_commit: str | None
+    git_dirty: bool | None
+    started_at: str
+
+
+def engine_knobs(config_yaml: str) -> str:
+    """The bundled engine's knobs that a run set (non-null `runtime.*`), as `k=v` pairs."""
+    runtime = OmegaConf.to_container(OmegaConf.create(config_yaml)).get("runtime") or {}  # type: ignore[union-attr]
+    return " ".join(f"{k}={v}" for k, v in sorted(runtime.items()) if v is not None)
+
+
+def entry_of(run_dir: Path) -> Entry:
+    runs = pd.read_parquet(run_dir / "runs.parquet")
+    if runs.empty:
+        raise ValueError(f"{run_dir} holds no finished load level")
+    first = runs.iloc[0]
+    return Entry(
+        run_id=str(first["run_id"]),
+        scenario=str(first["scenario"]),
+        model=str(first["model"]),
+        target_kind=str(first["target_kind"]),
+        engine=engine_knobs(str(first["config_yaml"])),
+        workload_hash=str(first["workload_hash"]),
+        hardware_key=str(first["hardware_key"]),
+        git_commit=None if pd.isna(first["git_commit"]) else str(first["git_commit"]),
+        git_dirty=None if pd.isna(first["git_dirty"]) else bool(first["git_dirty"]),
+        started_at=str(runs["started_at"].min()),
+    )
+
+
+def save(run_dir: Path, name: str, root: Path) -> Path:
+    """Copy a finished run into baseline `name`, replacing that baseline's earlier run of the
+    same scenario; returns the baseline's directory."""
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"baseline.save: expected a plain name like 'main', got {name!r}")
+    entry = entry_of(run_dir)
+    home = root / name
+    home.mkdir(parents=True, exist_ok=True)
+    manifest = _read(home)
+    for old in [e for e in manifest if e.scenario == entry.scenario]:
+        shutil.rmtree(home / old.run_id, ignore_errors=True)
+        manifest.remove(old)
+    # Parquet only: Hydra's bookkeeping and temporary files are no part of a baseline.
+    shutil.copytree(run_dir, home / entry.run_id, ignore=shutil.ignore_patterns("*.tmp", ".*"))
+    manifest.append(entry)
+    document = {
+        "name": name,
+        "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "runs": [asdict(e) for e in sorted(manifest, key=lambda e: e.scenario)],
+    }
+    (home / MANIFEST).write_text(json.dumps(document, indent=2) + "\n")
+    return home
+
+
+def _read(home: Path) -> list[Entry]:
+    path = home / MANIFEST
+    if not path.is_file():
+        return []
+    return [Entry(**e) for e in json.loads(path.read_text())["runs"]]
+
+
+def run_dirs(source: str, root: Path) -> list[Path]:
+    """The run directories `source` names: a baseline name under `root`, a baseline or run
+    directory, or a directory of run directories (what a multirun or an A/B round leaves)."""
+    path = Path(source)
+    if not path.exists() and (root / source).is_dir():
+        path = root / source
+    if (path / "runs.parquet").is_file():
+        return [path]
+    if not path.is_dir():
+        known = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise FileNotFoundError(
+            f"{source!r} is neither a baseline in {root} ({', '.join(known) or 'none saved yet'})"
+            " nor a directory of runs; save one with `python -m bench ... baseline.save=NAME`"
+        )
+    found = sorted(
+        p.parent
+        for p in path.rglob("runs.parquet")
+        if not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not found:
+        raise FileNotFoundError(f"{path} holds no runs (no runs.parquet below it)")
+    return found

@@ -1,0 +1,465 @@
+"""`python -m bench.compare`: did the candidate make serving faster or slower than the baseline?
+
+    python -m bench.compare baseline=NAME|PATH candidate=PATH [report=DIR] [allow_mismatch=true]
+    python -m bench.compare interleave.rounds=5 \\
+        'interleave.common=[scenario=short_qa,target=bundled]' \\
+        'interleave.candidate=[runtime.quantization=int8]' report=reports/int8
+
+The run (one repeat of one load level) is the unit: per metric and level, Welch's t-test on the
+logs of the per-run values gives the ratio candidate/baseline with its confidence interval,
+Mann-Whitney U checks it, and Holm-Bonferroni adjusts every p-value of the report together. A
+verdict needs both significance and an effect beyond the noise threshold. Per-request latency
+quantiles get hierarchical bootstrap CIs (runs, then requests); peak memory is compared exactly
+within a tolerance.
+
+Interleaved mode runs both builds alternately on this machine (A B B A A B ...: alternating
+which goes first cancels a linear drift), one repeat per round and side, then compares them:
+on a shared machine that is far less noisy than a baseline stored on another day.
+
+Exit codes: 0 no regression; 1 a metric regressed beyond its gate; 2 the comparison could not
+be made (bad arguments, missing runs, incomparable builds).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from bench import baseline as baselines
+from bench import stats
+from bench.comparison import (
+    Comparison,
+    Geomean,
+    Level,
+    MemoryRow,
+    Metric,
+    QuantileRow,
+    Row,
+    Side,
+)
+from bench.figures import Build
+
+EXIT_REGRESSION, EXIT_UNUSABLE = 1, 2
+
+METRICS = (
+    Metric("output_throughput", "out tok/s", "tok/s", higher_is_better=True),
+    Metric("request_throughput", "req/s", "req/s", higher_is_better=True),
+    Metric("ttft_ms_p50", "TTFT p50", "ms", higher_is_better=False),
+    Metric("ttft_ms_p99", "TTFT p99", "ms", higher_is_better=False),
+    Metric("tpot_ms_p50", "TPOT p50", "ms", higher_is_better=False),
+    Metric("tpot_ms_p99", "TPOT p99", "ms", higher_is_better=False),
+    Metric("itl_ms_p50", "ITL p50", "ms", higher_is_better=False),
+    Metric("itl_ms_p99", "ITL p99", "ms", higher_is_better=False),
+    Metric("e2e_ms_p50", "E2E p50", "ms", higher_is_better=False),
+    Metric("e2e_ms_p99", "E2E p99", "ms", higher_is_better=False),
+)
+LOAD_TIME = Metric("load_time_s", "load time", "s", higher_is_better=False)
+SERVER_START = Level("server start", None, None, 0, 0)
+QUANTILES = (("ttft_ms", 0.5), ("ttft_ms", 0.99), ("e2e_ms", 0.5), ("e2e_ms", 0.99))
+# Peak memory is deterministic up to allocator noise: beyond this it changed.
+MEMORY_TOLERANCE = 0.02
+# Repeats of one build whose peak memory spreads wider than this disagree: say so.
+MEMORY_SPREAD = 0.05
+
+
+@dataclass
+class InterleaveConfig:
+    rounds: int = 0  # 0: compare stored results; N: run both builds N times each, alternately
+    common: list[str] = field(default_factory=list)  # `python -m bench` overrides for both
+    baseline: list[str] = field(default_factory=list)  # overrides for the baseline only
+    candidate: list[str] = field(default_factory=list)  # overrides for the candidate only
+    results_dir: str = "results/ab"
+
+
+@dataclass
+class CompareConfig:
+    baseline: str | None = None  # a baseline name (results/baselines/NAME) or a path of runs
+    candidate: str | None = None  # a path: a run directory or a directory of runs
+    report: str | None = None  # where report.md, report.html and figures go
+    allow_mismatch: bool = False  # compare builds whose workload/model/hardware differ anyway
+    alpha: float = 0.05
+    threshold: float = 0.05  # effects within +-5% are noise, whatever the p-value
+    gate: dict[str, float] = field(default_factory=dict)  # per-metric regression threshold
+    baselines_dir: str = "results/baselines"
+    interleave: InterleaveConfig = field(default_factory=InterleaveConfig)
+
+
+class CompareError(Exception):
+    """The comparison cannot be made; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    side: Side
+    runs: pd.DataFrame
+    requests: pd.DataFrame
+
+
+def load_side(label: str, source: str, run_dirs: Sequence[Path]) -> Loaded:
+    from bench import store
+
+    loaded = [store.load(d) for d in run_dirs]
+    runs = pd.concat([x.runs for x in loaded], ignore_index=True)
+    requests = pd.concat([x.requests for x in loaded], ignore_index=True)
+    if runs.empty:
+        raise CompareError(f"{label} ({source}) has no finished load level")
+    entries = [baselines.entry_of(d) for d in run_dirs]
+    side = Side(
+        label=label,
+        source=source,
+        run_dirs=[str(d) for d in run_dirs],
+        model=", ".join(sorted({e.model for e in entries})),
+        target_kind=", ".join(sorted({e.target_kind for e in entries})),
+        engine=", ".join(sorted({e.engine for e in entries} - {""})),
+        git_commit=entries[0].git_commit,
+        git_dirty=any(bool(e.git_dirty) for e in entries),
+        hardware_key=", ".join(sorted({e.hardware_key for e in entries})),
+        started_at=min(e.started_at for e in entries),
+    )
+    return Loaded(side, runs, requests)
+
+
+def mismatches(base: Loaded, cand: Loaded) -> list[str]:
+    """What makes the two builds incomparable: different work, model or hardware."""
+    found = []
+    for scenario in sorted(set(base.runs["scenario"]) & set(cand.runs["scenario"])):
+        hashes = [
+            set(side.runs.loc[side.runs["scenario"] == scenario, "workload_hash"])
+            for side in (base, cand)
+        ]
+        if hashes[0] != hashes[1]:
+            found.append(
+                f"workload of {scenario}: baseline {_short(hashes[0])}, candidate "
+                f"{_short(hashes[1])} (different prompts, lengths, seed or endpoint)"
+            )
+    if base.side.model != cand.side.model:
+        found.append(f"model: baseline {base.side.model!r}, candidate {cand.side.model!r}")
+    if base.side.hardware_key != cand.side.hardware_key:
+        found.append(
+            f"hardware: baseline {base.side.hardware_key!r}, candidate {cand.side.hardware_key!r}"
+        )
+    return found
+
+
+def _short(hashes: set[str]) -> str:
+    return "/".join(sorted(h[:12] for h in hashes))
+
+
+def _levels(runs: pd.DataFrame) -> dict[Level, pd.DataFrame]:
+    keys = ["scenario", "concurrency", "request_rate", "input_tokens", "output_tokens"]
+    out = {}
+    for key, frame in runs.groupby(keys, dropna=False, sort=True):
+        scenario, concurrency, rate, inp, outp = cast(tuple[Any, ...], key)
+        level = Level(
+            str(scenario),
+            None if pd.isna(concurrency) else int(concurrency),
+            None if pd.isna(rate) else float(rate),
+            int(inp),
+            int(outp),
+        )
+        out[level] = frame
+    return out
+
+
+def _values(frame: pd.DataFrame, column: str) -> list[float]:
+    return [float(v) for v in frame[column] if v is not None and not pd.isna(v)]
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def _test(
+    level: Level, metric: Metric, base: list[float], cand: list[float], warnings: list[str]
+) -> stats.RatioTest | None:
+    if not base or not cand:
+        return None
+    try:
+        return stats.ratio_test(base, cand)
+    except ValueError as exc:
+        warnings.append(f"{level.name} {metric.label}: not tested ({exc})")
+        return None
+
+
+def _per_run(requests: pd.DataFrame, column: str) -> list[list[float]]:
+    """A latency of the successful requests, grouped by run (run_id, repeat)."""
+    ok = requests[requests["ok"] & requests[column].notna()]
+    return [list(map(float, g[column])) for _, g in ok.groupby(["run_id", "repeat"])]
+
+
+def _level_requests(requests: pd.DataFrame, level: Level) -> pd.DataFrame:
+    mask = (requests["scenario"] == level.scenario) & (requests["input_tokens"] > 0)
+    if level.concurrency is not None:
+        mask &= requests["concurrency"] == level.concurrency
+    if level.request_rate is not None:
+        mask &= requests["request_rate"] == level.request_rate
+    return requests[mask]
+
+
+def _memory(level: Level, base: pd.DataFrame, cand: pd.DataFrame) -> list[MemoryRow]:
+    def per_device(frame: pd.DataFrame) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for peaks, rss in zip(frame["peak_gpu_memory_mib"], frame["peak_rss_mib"], strict=True):
+            if peaks is not None and len(peaks):
+                for i, v in enumerate(peaks):
+                    out.setdefault(f"gpu{i}", []).append(float(v))
+            elif rss is not None and not pd.isna(rss):
+                out.setdefault("rss", []).append(float(rss))
+        return out
+
+    b, c = per_device(base), per_device(cand)
+    rows = []
+    for device in sorted(set(b) & set(c)):
+        bm, cm = _median(b[device]), _median(c[device])
+        delta = cm / bm - 1.0
+        worse: stats.Verdict = "worse" if delta > 0 else "better"
+        rows.append(MemoryRow(level, device, bm, cm, delta * 100.0,
+                              worse if abs(delta) > MEMORY_TOLERANCE else "~"))  # fmt: skip
+    return rows
+
+
+def compare(
+    base: Loaded,
+    cand: Loaded,
+    mode: str,
+    alpha: float = 0.05,
+    threshold: float = 0.05,
+    gate: dict[str, float] | None = None,
+    allowed_mismatches: Sequence[str] = (),
+) -> Comparison:
+    gate = gate or {}
+    unknown = set(gate) - {m.column for m in (*METRICS, LOAD_TIME)}
+    if unknown:
+        allowed = ", ".join(m.column for m in (*METRICS, LOAD_TIME))
+        raise CompareError(f"gate: unknown metrics {sorted(unknown)}; expected some of {allowed}")
+    result = Comparison(mode, base.side, cand.side, alpha, threshold,
+                        mismatches=list(allowed_mismatches))  # fmt: skip
+    warnings = result.warnings
+    if result.mismatches:
+        warnings.append("compared with allow_mismatch=true: " + "; ".join(result.mismatches))
+    base_levels, cand_levels = _levels(base.runs), _levels(cand.runs)
+    for name, levels in (("baseline", base_levels), ("candidate", cand_levels)):
+        other = cand_levels if name == "baseline" else base_levels
+        for level in sorted(set(levels) - set(other), key=lambda lv: lv.name):
+            warnings.append(f"{level.name}: only in the {name}; not compared")
+    common = sorted(set(base_levels) & set(cand_levels), key=lambda lv: lv.name)
+    if not common:
+        raise CompareError(
+            "the builds share no load level (same scenario, lengths and load); run the "
+            "candidate with the baseline's scenario and overrides"
+        )
+    pending: list[tuple[Level, Metric, list[float], list[float], stats.RatioTest | None]] = []
+    for level in common:
+        b, c = base_levels[level], cand_levels[level]
+        if min(len(b), len(c)) < stats.MIN_REPEATS:
+            warnings.append(
+                f"{level.name}: {len(b)} baseline and {len(c)} candidate runs; a test needs "
+                f"{stats.MIN_REPEATS} per side to be trusted (scenario.repeats)"
+            )
+        for metric in METRICS:
+            bv, cv = _values(b, metric.column), _values(c, metric.column)
+            pending.append((level, metric, bv, cv, _test(level, metric, bv, cv, warnings)))
+        result.memory += _memory(level, b, c)
+        _quantiles(result, level, base.requests, cand.requests)
+    # Load time: one value per server start, not per level.
+    bv = _values(base.runs.drop_duplicates("run_id"), LOAD_TIME.column)
+    cv = _values(cand.runs.drop_duplicates("run_id"), LOAD_TIME.column)
+    if bv and cv:
+        pending.append((SERVER_START, LOAD_TIME, bv, cv,
+                        _test(SERVER_START, LOAD_TIME, bv, cv, warnings)))  # fmt: skip
+    p_values = [
+        t.p_welch if t is not None else math.nan for _, _, _, _, t in pending
+    ]  # holm passes nan through
+    adjusted = stats.holm(p_values)
+    for (level, metric, bv, cv, test), p_adj in zip(pending, adjusted, strict=True):
+        verdict: stats.Verdict = "~"
+        if test is not None:
+            verdict = stats.verdict(test, p_adj, metric.higher_is_better, threshold, alpha)
+            if verdict != "~" and test.p_mannwhitney is not None and test.p_mannwhitney >= alpha:
+                warnings.append(
+                    f"{level.name} {metric.label}: Welch's test says {verdict} but Mann-Whitney "
+                    f"does not (p={test.p_mannwhitney:.3f}); outliers may drive it"
+                )
+        limit = gate.get(metric.column, threshold)
+        regression = (
+            verdict == "worse" and test is not None and abs(test.ratio - 1.0) > limit
+        )  # fmt: skip
+        result.rows.append(Row(level, metric, bv, cv, _median(bv), _median(cv), test, p_adj,
+                               verdict, limit, regression))  # fmt: skip
+    for metric in (*METRICS, LOAD_TIME):
+        ratios = [r.test.ratio for r in result.rows if r.metric == metric and r.test is not None]
+        if ratios:
+            result.geomeans.append(Geomean(metric, stats.geomean(ratios)))
+    _warn(result, base, cand)
+    return result
+
+
+def _quantiles(result: Comparison, level: Level, base: pd.DataFrame, cand: pd.DataFrame) -> None:
+    b_req, c_req = _level_requests(base, level), _level_requests(cand, level)
+    for column, q in QUANTILES:
+        b_runs, c_runs = _per_run(b_req, column), _per_run(c_req, column)
+        n = (sum(map(len, b_runs)), sum(map(len, c_runs)))
+        if not min(n):
+            continue
+        if min(n) < stats.MIN_QUANTILE_SAMPLES[q]:
+            result.warnings.append(
+                f"{level.name} {column} p{q * 100:g}: {min(n)} requests on the smaller side; "
+                f"p{q * 100:g} needs {stats.MIN_QUANTILE_SAMPLES[q]} to be bracketed "
+                "(scenario.num_requests, scenario.repeats)"
+            )
+        try:
+            ratio, low, high = stats.bootstrap_quantile_ratio(b_runs, c_runs, q)
+        except ValueError as exc:
+            result.warnings.append(f"{level.name} {column} p{q * 100:g}: no CI ({exc})")
+            continue
+        bq = float(np.quantile(np.concatenate(b_runs), q))
+        cq = float(np.quantile(np.concatenate(c_runs), q))
+        result.quantiles.append(QuantileRow(level, column, q, bq, cq, ratio, low, high, n))
+
+
+def _warn(result: Comparison, base: Loaded, cand: Loaded) -> None:
+    for loaded in (base, cand):
+        failed = int((~loaded.requests["ok"]).sum())
+        if failed:
+            result.warnings.append(
+                f"{loaded.side.label}: {failed} of {len(loaded.requests)} requests failed; "
+                "latencies cover successful requests only (see success_rate)"
+            )
+    for loaded in (base, cand):
+        for level, frame in _levels(loaded.runs).items():
+            peaks = _values(frame, "peak_gpu_memory_mib_total") or _values(frame, "peak_rss_mib")
+            if len(peaks) > 1 and (max(peaks) - min(peaks)) / _median(peaks) > MEMORY_SPREAD:
+                result.warnings.append(
+                    f"{loaded.side.label} {level.name}: peak memory differs by more than "
+                    f"{MEMORY_SPREAD:.0%} between repeats ({min(peaks):,.0f}-{max(peaks):,.0f} "
+                    "MiB)"
+                )
+
+
+def _interleave(cfg: InterleaveConfig) -> tuple[list[Path], list[Path]]:
+    """Run both builds `rounds` times, alternating which goes first; their run directories."""
+    from bench.config import compose
+    from bench.runner import run
+
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    root = Path(cfg.results_dir) / stamp
+    repeats = [] if any(o.startswith("scenario.repeats=") for o in cfg.common) else [
+        "scenario.repeats=1"
+    ]  # fmt: skip
+    dirs: dict[str, list[Path]] = {"baseline": [], "candidate": []}
+    order = ("baseline", "candidate")
+    for i in range(cfg.rounds):
+        for name in order if i % 2 == 0 else order[::-1]:
+            own = cfg.baseline if name == "baseline" else cfg.candidate
+            print(f"round {i + 1}/{cfg.rounds}: {name} ({' '.join(own) or 'no overrides'})")
+            overrides = [*repeats, *cfg.common, *own, f"results_dir={root / name}"]
+            result = run(compose(*overrides))
+            if result.status != "complete":
+                raise CompareError(f"round {i + 1}, {name}: the run is partial ({result.reason})")
+            dirs[name].append(result.run_dir)
+    return dirs["baseline"], dirs["candidate"]
+
+
+def _config(argv: Sequence[str]) -> CompareConfig:
+    schema = OmegaConf.structured(CompareConfig)
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.from_dotlist(list(argv)))
+    except OmegaConfBaseException as exc:
+        allowed = ", ".join(CompareConfig.__dataclass_fields__)
+        raise CompareError(f"{exc}\nkeys: {allowed}, interleave.*") from exc
+    cfg: CompareConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    if cfg.interleave.rounds == 0 and (cfg.baseline is None or cfg.candidate is None):
+        raise CompareError(
+            "give baseline=NAME|PATH and candidate=PATH, or interleave.rounds=N with "
+            "interleave.common/baseline/candidate overrides (see --help)"
+        )
+    if cfg.interleave.rounds < 0 or not 0 < cfg.alpha < 1 or cfg.threshold < 0:
+        raise CompareError("interleave.rounds >= 0, 0 < alpha < 1 and threshold >= 0 expected")
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        cfg = _config(argv)
+        root = Path(cfg.baselines_dir)
+        if cfg.interleave.rounds:
+            base_dirs, cand_dirs = _interleave(cfg.interleave)
+            base_src = " ".join(cfg.interleave.baseline) or "as configured"
+            cand_src = " ".join(cfg.interleave.candidate) or "as configured"
+            mode = "interleaved"
+        else:
+            assert cfg.baseline is not None and cfg.candidate is not None
+            base_dirs = baselines.run_dirs(cfg.baseline, root)
+            cand_dirs = baselines.run_dirs(cfg.candidate, root)
+            base_src, cand_src, mode = cfg.baseline, cfg.candidate, "stored baseline"
+        base = load_side("baseline", base_src, base_dirs)
+        cand = load_side("candidate", cand_src, cand_dirs)
+        found = mismatches(base, cand)
+        if found and not cfg.allow_mismatch:
+            raise CompareError(
+                "the builds are not comparable:\n  - " + "\n  - ".join(found) + "\nre-run the "
+                "candidate like the baseline, or pass allow_mismatch=true to compare anyway"
+            )
+        result = compare(base, cand, mode, cfg.alpha, cfg.threshold, cfg.gate, found)
+    except (CompareError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    _print(result)
+    if cfg.report:
+        from bench.report import write_comparison_report
+
+        builds = [Build(f"{s.label}", x.runs, x.requests) for s, x in
+                  ((base.side, base), (cand.side, cand))]  # fmt: skip
+        paths = write_comparison_report(result, builds, Path(cfg.report))
+        print(f"report: {paths['md']}")
+    return EXIT_REGRESSION if result.regressions else 0
+
+
+def _print(result: Comparison) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    counts = result.counts()
+    table = Table(
+        title=f"{result.candidate.source} vs {result.baseline.source} ({result.mode}): "
+        f"{counts['better']} better · {counts['worse']} worse · {counts['~']} unchanged"
+    )
+    for column in ("level", "metric", "baseline", "candidate", "delta [CI]", "p", "verdict"):
+        table.add_column(column, justify="left" if column in ("level", "metric") else "right")
+    for row in result.rows:
+        t = row.test
+        ci = (
+            ""
+            if t is None or math.isnan(t.ci_low)
+            else f" [{(t.ci_low - 1) * 100:+.1f}, {(t.ci_high - 1) * 100:+.1f}]"
+        )
+        arrow = "↑" if row.metric.higher_is_better else "↓"
+        style = "red" if row.regression else "green" if row.verdict == "better" else ""
+        table.add_row(
+            row.level.name, f"{arrow} {row.metric.label}", f"{row.baseline_median:,.4g}",
+            f"{row.candidate_median:,.4g}", f"{row.delta_pct:+.1f}%{ci}",
+            "" if math.isnan(row.p_adjusted) else f"{row.p_adjusted:.3g}", row.verdict,
+            style=style,
+        )  # fmt: skip
+    Console(width=max(Console().width, 120)).print(table)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

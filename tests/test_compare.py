@@ -1,0 +1,187 @@
+"""Baselines and `python -m bench.compare` end to end: verdicts, refusals and exit codes.
+
+One real run against the reference server (5 repeats) supplies realistic records; the
+builds compared are that run and copies of it with a known change injected.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bench import baseline, compare
+from bench.config import compose
+from bench.runner import run
+
+pytestmark = pytest.mark.slow
+
+LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    result = run(compose(
+        "scenario=short_qa", "target=refserver", "scenario.num_requests=6",
+        "scenario.output_tokens=8", f"results_dir={out}", "progress=false",
+    ))  # fmt: skip
+    assert result.status == "complete"
+    return result.run_dir
+
+
+def _variant(
+    source: Path, dest: Path, change: Callable[[pd.DataFrame, pd.DataFrame], None]
+) -> Path:
+    """A copy of a run whose runs/requests tables `change` edits in place (same schema)."""
+    shutil.copytree(source, dest)
+    tables = {name: pq.read_table(dest / f"{name}.parquet") for name in ("runs", "requests")}
+    frames = {name: t.to_pandas() for name, t in tables.items()}
+    change(frames["runs"], frames["requests"])
+    for name, table in tables.items():
+        fresh = pa.Table.from_pandas(frames[name], schema=table.schema, preserve_index=False)
+        pq.write_table(
+            fresh.replace_schema_metadata(table.schema.metadata), dest / f"{name}.parquet"
+        )
+    return dest
+
+
+def _slower(factor: float, seed: int = 0) -> Callable[[pd.DataFrame, pd.DataFrame], None]:
+    """Latencies x factor and throughput / factor, with 2% run-to-run noise."""
+    rng = np.random.default_rng(seed)
+
+    def change(runs: pd.DataFrame, requests: pd.DataFrame) -> None:
+        noise = rng.normal(1.0, 0.02, len(runs))
+        for column in runs.columns:
+            metric, _, stat = column.rpartition("_")
+            if metric in LATENCIES and stat in ("mean", "p50", "p90", "p99"):
+                runs[column] = runs[column] * factor * noise
+        for column in ("output_throughput", "request_throughput", "total_token_throughput"):
+            runs[column] = runs[column] / factor / noise
+        for column in ("ttft_ms", "e2e_ms"):
+            requests[column] = requests[column] * factor
+
+    return change
+
+
+def _main(*args: str) -> int:
+    return compare.main(list(args))
+
+
+def test_a_20_percent_slowdown_is_a_regression_and_fails_the_gate(
+    real_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = _variant(real_run, tmp_path / "base", _slower(1.0, seed=1))
+    slow = _variant(real_run, tmp_path / "slow", _slower(1.2, seed=2))
+    assert _main(f"baseline={base}", f"candidate={slow}") == compare.EXIT_REGRESSION
+    loaded = [
+        compare.load_side(n, str(d), [d]) for n, d in (("baseline", base), ("candidate", slow))
+    ]
+    result = compare.compare(*loaded, mode="stored baseline")
+    verdicts = {r.metric.column: r.verdict for r in result.rows if r.test is not None}
+    assert verdicts["output_throughput"] == "worse" and verdicts["ttft_ms_p50"] == "worse"
+    assert {r.metric.column for r in result.regressions} >= {"output_throughput", "e2e_ms_p50"}
+    ttft = next(r for r in result.rows if r.metric.column == "ttft_ms_p50")
+    assert ttft.test is not None and ttft.test.ci_low < 1.2 < ttft.test.ci_high
+    # A gate wider than the change lets that metric through; the others still fail.
+    wide = compare.compare(*loaded, mode="stored baseline", gate={"ttft_ms_p50": 0.5})
+    assert "ttft_ms_p50" not in {r.metric.column for r in wide.regressions}
+    assert wide.regressions
+    # The faster build, compared the other way round, improves and passes.
+    assert _main(f"baseline={slow}", f"candidate={base}") == 0
+    assert "better" in capsys.readouterr().out
+
+
+def test_the_same_build_twice_changes_nothing(real_run: Path, tmp_path: Path) -> None:
+    again = _variant(real_run, tmp_path / "again", _slower(1.0, seed=3))
+    loaded = [
+        compare.load_side(n, str(d), [d]) for n, d in (("baseline", real_run), ("candidate", again))
+    ]
+    result = compare.compare(*loaded, mode="stored baseline")
+    assert result.counts()["worse"] == 0 and result.counts()["better"] == 0
+    assert not result.regressions
+    assert all(m.verdict == "~" for m in result.memory)
+    assert {g.metric.column for g in result.geomeans} >= {"output_throughput", "ttft_ms_p99"}
+    # 6 requests per run: far too few for a p99, and the report says so.
+    assert any("p99 needs" in w for w in result.warnings)
+
+
+def test_incomparable_builds_are_refused_unless_allowed(
+    real_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def other_work(runs: pd.DataFrame, requests: pd.DataFrame) -> None:
+        runs["workload_hash"] = "f" * 64
+        runs["hardware_key"] = "NVIDIA H100 80GB HBM3 x1"
+
+    other = _variant(real_run, tmp_path / "other", other_work)
+    assert _main(f"baseline={real_run}", f"candidate={other}") == compare.EXIT_UNUSABLE
+    err = capsys.readouterr().err
+    assert "not comparable" in err and "workload of short_qa" in err and "hardware" in err
+    assert "allow_mismatch=true" in err
+    assert _main(f"baseline={real_run}", f"candidate={other}", "allow_mismatch=true") == 0
+    assert "allow_mismatch=true" in capsys.readouterr().err  # still said, as a warning
+
+
+def test_bad_arguments_name_the_problem(
+    real_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _main("baseline=x", "candidat=y") == compare.EXIT_UNUSABLE
+    assert "candidat" in capsys.readouterr().err
+    missing = f"baselines_dir={tmp_path}"
+    assert _main("baseline=nope", f"candidate={real_run}", missing) == compare.EXIT_UNUSABLE
+    assert "neither a baseline" in capsys.readouterr().err
+    assert _main(f"baseline={real_run}", f"candidate={real_run}", "gate.ttft=0.1") == 2
+    assert "gate: unknown metrics" in capsys.readouterr().err
+
+
+def test_a_baseline_keeps_one_run_per_scenario_and_is_found_by_name(
+    real_run: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "baselines"
+    first = _variant(real_run, tmp_path / "first", _slower(1.0))
+    second = _variant(real_run, tmp_path / "second", _slower(1.0))
+    for frame_dir in (second,):  # the second saving must replace the first (same scenario)
+        table = pq.read_table(frame_dir / "runs.parquet")
+        runs = table.to_pandas()
+        runs["run_id"] = "second-run"
+        fresh = pa.Table.from_pandas(runs, schema=table.schema, preserve_index=False)
+        pq.write_table(
+            fresh.replace_schema_metadata(table.schema.metadata), frame_dir / "runs.parquet"
+        )
+    baseline.save(first, "main", root)
+    home = baseline.save(second, "main", root)
+    manifest = json.loads((home / "manifest.json").read_text())
+    assert [e["run_id"] for e in manifest["runs"]] == ["second-run"]
+    assert manifest["runs"][0]["scenario"] == "short_qa"
+    assert baseline.run_dirs("main", root) == [home / "second-run"]
+    assert _main("baseline=main", f"candidate={real_run}", f"baselines_dir={root}") == 0
+    with pytest.raises(ValueError, match="plain name"):
+        baseline.save(first, "../evil", root)
+
+
+def test_interleaved_ab_runs_both_builds_alternately_and_compares_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = _main(
+        "interleave.rounds=2", f"interleave.results_dir={tmp_path}",
+        "interleave.common=[scenario=short_qa,target=refserver,scenario.num_requests=4,"
+        "scenario.output_tokens=16,progress=false]",
+        "interleave.candidate=[target.server_args.itl-ms=6]",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == compare.EXIT_REGRESSION  # 6 ms per token instead of 2
+    # A B, then B A: alternating which goes first cancels a linear drift of the machine.
+    order = [line.split(": ")[1].split(" ")[0] for line in out.splitlines() if "round " in line]
+    assert order == ["baseline", "candidate", "candidate", "baseline"]
+    (stamp,) = tmp_path.iterdir()
+    assert (
+        len(list((stamp / "baseline").iterdir())) == len(list((stamp / "candidate").iterdir())) == 2
+    )
+    assert "(interleaved)" in out and "target.server_args.itl-ms=6" in out

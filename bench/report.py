@@ -1,0 +1,790 @@
+"""Reports in Markdown and HTML: an A/B comparison (a pull-request comment) or one build.
+
+Each report is built once as a list of blocks (heading, paragraph, table, ...) and rendered
+twice, so report.md and report.html cannot say different things. report.md links the PNG
+figures written next to it; report.html embeds them, so it is one file that can be archived
+or mailed on its own.
+
+`python -m bench.report run=DIR [run=DIR ...]` writes the report of one build (see --help).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from bench import store
+from bench.comparison import Comparison, Level, Metric, Row, Side
+from bench.figures import Build, all_figures
+from bench.stats import MIN_REPEATS, Verdict, min_samples_for_quantile
+
+# ---- blocks ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass(frozen=True)
+class Para:
+    text: str
+    strong: bool = False
+    small: bool = False  # footnotes and captions
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A warning box that must not be missed: GitHub's [!WARNING] alert in Markdown."""
+
+    title: str
+    items: list[str]
+
+
+@dataclass(frozen=True)
+class Bullets:
+    items: list[str]
+
+
+@dataclass(frozen=True)
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    marked: list[bool] = field(default_factory=list)  # per row: bold, highlighted (regressions)
+    text_columns: int = 2  # the leading columns are names (left-aligned); the rest are numbers
+
+
+@dataclass(frozen=True)
+class Details:
+    """Folded away: for the full tables a PR comment should not show at first sight."""
+
+    summary: str
+    blocks: list[Block]
+
+
+@dataclass(frozen=True)
+class Image:
+    path: Path  # the PNG, embedded into HTML
+    href: str  # the same file relative to report.md
+    alt: str
+
+
+Block = Heading | Para | Alert | Bullets | Table | Details | Image
+
+# ---- Markdown ----------------------------------------------------------------------------
+
+_MD_SPECIAL = re.compile(r"([\\`*|])")
+# A bracket is markup only as part of a link, an image or a link definition: "](", "][", "]:".
+# Elsewhere, as in "[-15.1, -9.4]", it stays unescaped so that the raw text reads well.
+_MD_LINK = re.compile(r"\](?=[(\[:])")
+# GFM emphasises with _ only at word boundaries; escaping it inside words would litter names
+# such as short_qa in the raw text of a comment.
+_MD_UNDERSCORE = re.compile(r"(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")
+
+
+def _md(text: str) -> str:
+    """Text as literal Markdown: no markup, no raw HTML, safe inside a table cell."""
+    text = html.escape(text, quote=False).replace("\n", " ")
+    text = _MD_LINK.sub(r"\\]", _MD_SPECIAL.sub(r"\\\1", text))
+    return _MD_UNDERSCORE.sub(r"\\_", text)
+
+
+def _md_table(t: Table) -> str:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    align = [":---" if i < t.text_columns else "---:" for i in range(len(t.header))]
+    lines = [line([_md(h) for h in t.header]), line(align)]
+    for i, row in enumerate(t.rows):
+        strong = i < len(t.marked) and t.marked[i]
+        lines.append(line([f"**{_md(c)}**" if strong and c else _md(c) for c in row]))
+    return "\n".join(lines)
+
+
+def _md_block(b: Block) -> str:
+    match b:
+        case Heading(text, level):
+            return "#" * level + " " + _md(text)
+        case Para(text, strong, small):
+            out = _md(text)
+            return f"**{out}**" if strong else f"<sub>{out}</sub>" if small else out
+        case Alert(title, items):
+            return "\n".join(
+                ["> [!WARNING]", f"> **{_md(title)}**", *(f"> - {_md(i)}" for i in items)]
+            )
+        case Bullets(items):
+            return "\n".join(f"- {_md(i)}" for i in items)
+        case Table():
+            return _md_table(b)
+        case Details(summary, blocks):
+            # Blank lines around the body: GitHub renders Markdown inside <details> only then.
+            inner = "\n\n".join(_md_block(x) for x in blocks)
+            return f"<details><summary>{html.escape(summary)}</summary>\n\n{inner}\n\n</details>"
+        case Image(_, href, alt):
+            return f"![{_md(alt)}]({href})"
+    raise TypeError(f"not a block: {b!r}")
+
+
+def markdown(blocks: Sequence[Block]) -> str:
+    return "\n\n".join(_md_block(b) for b in blocks) + "\n"
+
+
+# ---- HTML --------------------------------------------------------------------------------
+
+_CSS = """
+body { font: 14px/1.5 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #1f2328;
+  padding: 0 1em; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; }
+th, td { border: 1px solid #d0d7de; padding: 3px 8px; }
+th { background: #f6f8fa; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tr.marked td { background: #ffebe9; font-weight: 600; }
+.alert { border-left: 4px solid #9a6700; background: #fff8c5; padding: 0.5em 1em; }
+.small { font-size: 12px; color: #59636e; }
+summary { cursor: pointer; font-weight: 600; margin: 0.5em 0; }
+img { max-width: 100%; }
+"""
+
+
+def _h(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def _html_table(t: Table) -> str:
+    def cells(row: Sequence[str], tag: str) -> str:
+        attr = [
+            ' class="num"' if tag == "td" and i >= t.text_columns else "" for i in range(len(row))
+        ]
+        return "".join(f"<{tag}{a}>{_h(c)}</{tag}>" for a, c in zip(attr, row, strict=True))
+
+    body = []
+    for i, row in enumerate(t.rows):
+        marked = ' class="marked"' if i < len(t.marked) and t.marked[i] else ""
+        body.append(f"<tr{marked}>{cells(row, 'td')}</tr>")
+    return (
+        f"<table><thead><tr>{cells(t.header, 'th')}</tr></thead>"
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
+
+
+def _html_block(b: Block) -> str:
+    match b:
+        case Heading(text, level):
+            return f"<h{level}>{_h(text)}</h{level}>"
+        case Para(text, strong, small):
+            inner = f"<strong>{_h(text)}</strong>" if strong else _h(text)
+            return f'<p class="small">{inner}</p>' if small else f"<p>{inner}</p>"
+        case Alert(title, items):
+            lis = "".join(f"<li>{_h(i)}</li>" for i in items)
+            return f'<div class="alert"><p><strong>{_h(title)}</strong></p><ul>{lis}</ul></div>'
+        case Bullets(items):
+            return "<ul>" + "".join(f"<li>{_h(i)}</li>" for i in items) + "</ul>"
+        case Table():
+            return _html_table(b)
+        case Details(summary, blocks):
+            inner = "\n".join(_html_block(x) for x in blocks)
+            return f"<details><summary>{_h(summary)}</summary>\n{inner}\n</details>"
+        case Image(path, _, alt):
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            return f'<figure><img alt="{_h(alt)}" src="data:image/png;base64,{data}"></figure>'
+    raise TypeError(f"not a block: {b!r}")
+
+
+def _html_page(title: str, blocks: Sequence[Block]) -> str:
+    body = "\n".join(_html_block(b) for b in blocks)
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{_h(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n"
+        "</html>\n"
+    )
+
+
+# ---- numbers -----------------------------------------------------------------------------
+
+
+def _num(value: float | None) -> str:
+    """Three significant digits, but whole numbers from 100 up: 12.3, 0.456, 1,234."""
+    if value is None or not math.isfinite(value):
+        return "–"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    # "#" keeps trailing zeros (61.0, not 61); 99.96 rounds to "100." and loses the point.
+    return f"{value:#.3g}".rstrip(".")
+
+
+def _pct(ratio: float, low: float = math.nan, high: float = math.nan) -> str:
+    """A ratio as a change in percent, with its interval when there is one: -12.3% [-15.1, -9.4]."""
+    if not math.isfinite(ratio):
+        return "–"
+
+    def change(r: float) -> float:
+        return round((r - 1) * 100, 1) + 0.0  # + 0.0: no "-0.0"
+
+    out = f"{change(ratio):+.1f}%"
+    if math.isfinite(low) and math.isfinite(high):
+        out += f" [{change(low):.1f}, {change(high):.1f}]"
+    return out
+
+
+def _p(p: float | None) -> str:
+    if p is None or not math.isfinite(p):
+        return "–"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+_VERDICT: dict[Verdict, str] = {"better": "better ✅", "worse": "worse ❌", "~": "~"}
+
+
+def _metric(m: Metric) -> str:
+    """The metric with the direction that is better: "↑ out tok/s", "↓ TTFT p99 ms"."""
+    arrow = "↑" if m.higher_is_better else "↓"
+    unit = "" if not m.unit or m.label.endswith(m.unit) else f" {m.unit}"
+    return f"{arrow} {m.label}{unit}"
+
+
+_FIGURE_TITLES = {
+    "ttft_cdf": "TTFT CDF",
+    "e2e_cdf": "E2E latency CDF",
+    "vs_concurrency": "TTFT and output throughput against load",
+    "peak_memory": "Peak memory",
+    "itl": "ITL distribution",
+}
+
+
+def _figure_blocks(figures: dict[str, Path], out_dir: Path) -> list[Block]:
+    images: list[Block] = [
+        Image(p, p.relative_to(out_dir).as_posix(), _FIGURE_TITLES.get(name, name))
+        for name, p in figures.items()
+    ]
+    note = (
+        "The figures are PNG files next to report.md: they show when this directory is viewed "
+        "on GitHub, and report.html embeds them. A pull-request comment cannot embed local "
+        "images, so there they appear as links."
+    )
+    return [Heading("Figures"), *images, Para(note, small=True)]
+
+
+def _write(
+    title: str, blocks: list[Block], figures: dict[str, Path], out_dir: Path
+) -> dict[str, Path]:
+    md, page = out_dir / "report.md", out_dir / "report.html"
+    md.write_text(markdown(blocks), encoding="utf-8")
+    page.write_text(_html_page(title, blocks), encoding="utf-8")
+    return {"md": md, "html": page, **figures}
+
+
+# ---- A/B comparison ----------------------------------------------------------------------
+
+# Shown for every level in the compact table, changed or not: what a reviewer asks first.
+_KEY_COLUMNS = ("output_throughput", "ttft_ms_p50", "ttft_ms_p99")
+_QUANTILE_NAMES = {"ttft_ms": "TTFT", "e2e_ms": "E2E", "itl_ms": "ITL"}
+
+
+def _time(iso: str) -> str:
+    """An ISO 8601 time to the second, in UTC: 2026-11-22 21:56:14 UTC."""
+    try:
+        return pd.Timestamp(iso).tz_convert("UTC").strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (ValueError, TypeError):  # not a time, or one without a zone: show it as written
+        return iso
+
+
+def _commit(side: Side) -> str:
+    if side.git_commit is None:
+        return "unknown"
+    return side.git_commit[:12] + (" (dirty)" if side.git_dirty else "")
+
+
+def _sides_table(c: Comparison) -> Table:
+    b, k = c.baseline, c.candidate
+    rows = [
+        ["source", b.source, k.source],
+        ["model", b.model, k.model],
+        ["target", b.target_kind, k.target_kind],
+        ["engine knobs", b.engine or "defaults", k.engine or "defaults"],
+        ["git commit", _commit(b), _commit(k)],
+        ["hardware", b.hardware_key, k.hardware_key],
+        ["started", _time(b.started_at), _time(k.started_at)],
+        ["run directories", str(len(b.run_dirs)), str(len(k.run_dirs))],
+    ]
+    return Table(["", b.label, k.label], rows, text_columns=3)
+
+
+def _row_cells(r: Row) -> list[str]:
+    t = r.test
+    delta = "–" if t is None else _pct(t.ratio, t.ci_low, t.ci_high)
+    medians = [_num(r.baseline_median), _num(r.candidate_median)]
+    return [r.level.name, _metric(r.metric), *medians, delta]
+
+
+def _compact_table(c: Comparison) -> Table:
+    rows = [
+        r for r in c.rows if r.verdict != "~" or r.regression or r.metric.column in _KEY_COLUMNS
+    ]
+    header = ["level", "metric", c.baseline.label, c.candidate.label, "Δ [CI]", "p (adj.)"]
+    header.append("verdict")
+    cells = [[*_row_cells(r), _p(r.p_adjusted), _VERDICT[r.verdict]] for r in rows]
+    return Table(header, cells, [r.regression for r in rows])
+
+
+def _full_table(c: Comparison) -> Table:
+    header = ["level", "metric", c.baseline.label, c.candidate.label, "Δ [CI]", "runs"]
+    header += ["p Welch", "p Mann-Whitney", "p (adj.)", "gate", "verdict"]
+    cells = []
+    for r in c.rows:
+        t = r.test
+        # The test's counts are of the values it used (NaN dropped); without a test, all.
+        runs = f"{t.n_baseline}/{t.n_candidate}" if t else f"{len(r.baseline)}/{len(r.candidate)}"
+        tests = ["–", "–"] if t is None else [_p(t.p_welch), _p(t.p_mannwhitney)]
+        verdict = _VERDICT[r.verdict] + (" (fails gate)" if r.regression else "")
+        cells.append([*_row_cells(r), runs, *tests, _p(r.p_adjusted), f"{r.gate:.0%}", verdict])
+    return Table(header, cells, [r.regression for r in c.rows])
+
+
+def _quantile_table(c: Comparison) -> Table:
+    header = ["level", "metric", c.baseline.label, c.candidate.label, "Δ [CI]", "samples"]
+    cells = []
+    for q in c.quantiles:
+        name = f"↓ {_QUANTILE_NAMES.get(q.column, q.column)} p{q.q * 100:g} ms"
+        samples = f"{q.samples[0]:,}/{q.samples[1]:,}"
+        if min(q.samples) < min_samples_for_quantile(q.q):
+            samples += " (too few)"
+        delta = _pct(q.ratio, q.ci_low, q.ci_high)
+        cells.append([q.level.name, name, _num(q.baseline), _num(q.candidate), delta, samples])
+    return Table(header, cells)
+
+
+def _memory_table(c: Comparison) -> Table:
+    header = ["level", "device", f"{c.baseline.label} MiB", f"{c.candidate.label} MiB", "Δ"]
+    cells = []
+    for m in c.memory:
+        values = [_num(m.baseline_mib), _num(m.candidate_mib), f"{m.delta_pct:+.1f}%"]
+        cells.append([m.level.name, m.device, *values, _VERDICT[m.verdict]])
+    return Table([*header, "verdict"], cells)
+
+
+def _geomean_table(c: Comparison) -> Table:
+    cells = [[_metric(g.metric), f"×{g.ratio:.3f}", _pct(g.ratio)] for g in c.geomeans]
+    ratio = f"{c.candidate.label} / {c.baseline.label}"
+    return Table(["metric", ratio, "Δ"], cells, text_columns=1)
+
+
+def _comparison_blocks(c: Comparison, figures: dict[str, Path], out_dir: Path) -> list[Block]:
+    counts = c.counts()
+    tested = sum(math.isfinite(r.p_adjusted) for r in c.rows)
+    blocks: list[Block] = [Heading(f"Performance: {c.candidate.source} vs {c.baseline.source}", 1)]
+    if c.mismatches:
+        blocks.append(
+            Alert(
+                "The builds are not comparable in these respects. They were compared anyway "
+                "(allow_mismatch=true), so differences below may come from these, not the change:",
+                c.mismatches,
+            )
+        )
+    blocks.append(
+        Para(f"{counts['better']} improved · {counts['worse']} regressed · {counts['~']} unchanged")
+    )
+    failing = c.regressions
+    blocks.append(
+        Para(
+            f"❌ {len(failing)} regression{'s' * (len(failing) != 1)} beyond the gate: "
+            "this comparison fails (bold rows)."
+            if failing
+            else "✅ nothing got worse beyond its gate.",
+            strong=True,
+        )
+    )
+    method = (
+        f"Welch's t-test on log per-run values, Holm-Bonferroni across {tested} comparisons, "
+        f"alpha {c.alpha:g}, noise threshold {c.threshold * 100:g}%; Mann-Whitney U as a check."
+    )
+    blocks += [
+        _sides_table(c),
+        Bullets([f"mode: {c.mode}", f"method: {method}"]),
+        Heading("Changes, and throughput and TTFT at every level"),
+        _compact_table(c),
+        Para(
+            "Values are medians over runs; Δ is the ratio of geometric means as a change, with "
+            "its confidence interval; p is adjusted for the number of comparisons.",
+            small=True,
+        ),
+    ]
+    if c.geomeans:
+        blocks += [Heading("Geometric mean over levels"), _geomean_table(c)]
+    blocks.append(Details(f"All {len(c.rows)} comparisons", [_full_table(c)]))
+    if c.quantiles:
+        note = Para(
+            "Per-request quantiles pooled over runs, with hierarchical bootstrap intervals "
+            "(runs, then requests). Diagnostics, not tests: they give no verdict.",
+            small=True,
+        )
+        blocks.append(
+            Details(f"Per-request quantiles ({len(c.quantiles)})", [note, _quantile_table(c)])
+        )
+    if c.memory:
+        blocks.append(Details(f"Peak memory ({len(c.memory)})", [_memory_table(c)]))
+    blocks += _figure_blocks(figures, out_dir)
+    if c.warnings:
+        blocks += [Heading("Warnings"), Bullets(c.warnings)]
+    return blocks
+
+
+def write_comparison_report(
+    comparison: Comparison, builds: Sequence[Build], out_dir: Path
+) -> dict[str, Path]:
+    """report.md (for a pull-request comment), report.html and the figures, into out_dir.
+
+    Returns {"md": ..., "html": ..., <figure name>: ...}.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = all_figures(builds, out_dir)
+    blocks = _comparison_blocks(comparison, figures, out_dir)
+    title = f"{comparison.candidate.source} vs {comparison.baseline.source}"
+    return _write(title, blocks, figures, out_dir)
+
+
+# ---- one build ---------------------------------------------------------------------------
+
+
+class ReportError(ValueError):
+    """Bad input to the report: says what was wrong and what to pass instead."""
+
+
+@dataclass(frozen=True)
+class LevelSummary:
+    """One load level of one build: medians over its repeats (the runs)."""
+
+    level: Level
+    repeats: int
+    output_throughput: float
+    ttft_p50: float
+    ttft_p99: float
+    tpot_p50: float
+    itl_p50: float
+    e2e_p50: float
+    success_rate: float  # completed / sent over every repeat
+    failed: int
+    peak_mib: float  # max over repeats; GPU total when measured, else the server's RSS
+    memory_kind: str  # "GPU", "RSS" or ""
+    client_bound: int  # repeats whose client event loop lagged
+    partial: int  # repeats that stopped early
+
+
+def _none_if_nan(value: Any) -> Any:
+    return None if value is None or bool(pd.isna(value)) else value
+
+
+def _level_of(run: pd.Series[Any]) -> Level:
+    conc, rate = _none_if_nan(run["concurrency"]), _none_if_nan(run["request_rate"])
+    return Level(
+        scenario=str(run["scenario"]),
+        concurrency=None if conc is None else int(conc),
+        request_rate=None if rate is None else float(rate),
+        input_tokens=int(run["input_tokens"]),
+        output_tokens=int(run["output_tokens"]),
+    )
+
+
+def _load_value(level: Level) -> float:
+    """The load axis: request rate in open loop, concurrency in closed loop."""
+    return level.request_rate if level.request_rate is not None else float(level.concurrency or 0)
+
+
+def _group(level: Level) -> tuple[str, int, int, bool]:
+    """Levels of one sweep: same scenario and lengths, same kind of load."""
+    return (level.scenario, level.input_tokens, level.output_tokens, level.request_rate is None)
+
+
+def summarize_levels(runs: pd.DataFrame) -> list[LevelSummary]:
+    levels = [_level_of(r) for _, r in runs.iterrows()]
+    out = []
+    for level in sorted(set(levels), key=lambda lv: (*_group(lv), _load_value(lv))):
+        rows = runs[[lv == level for lv in levels]]
+
+        def median(column: str, rows: pd.DataFrame = rows) -> float:
+            return float(rows[column].astype(float).median())  # NaN skipped; all NaN gives NaN
+
+        gpu = rows["peak_gpu_memory_mib_total"].astype(float).max()
+        rss = rows["peak_rss_mib"].astype(float).max()
+        # GPU memory when NVML measured it; on CPU the server's RSS stands in (docs/metrics.md).
+        peak, kind = (gpu, "GPU") if pd.notna(gpu) else (rss, "RSS" if pd.notna(rss) else "")
+        sent = int(rows["sent"].sum())
+        out.append(
+            LevelSummary(
+                level=level,
+                repeats=len(rows),
+                output_throughput=median("output_throughput"),
+                ttft_p50=median("ttft_ms_p50"),
+                ttft_p99=median("ttft_ms_p99"),
+                tpot_p50=median("tpot_ms_p50"),
+                itl_p50=median("itl_ms_p50"),
+                e2e_p50=median("e2e_ms_p50"),
+                success_rate=int(rows["completed"].sum()) / sent if sent else math.nan,
+                failed=int(rows["failed"].sum()),
+                peak_mib=float(peak),
+                memory_kind=kind,
+                client_bound=int(rows["client_bound"].astype(bool).sum()),
+                partial=int((rows["status"] != "complete").sum()),
+            )
+        )
+    return out
+
+
+def _load_text(level: Level) -> str:
+    if level.request_rate is not None:
+        return f"{level.request_rate:g} req/s"
+    users = level.concurrency or 0
+    return f"{users} concurrent user{'s' * (users != 1)}"
+
+
+def capacity(summaries: Sequence[LevelSummary], slo_ttft_ms: float) -> list[str]:
+    """Per sweep: the highest load level whose TTFT p99 (median over repeats) meets the SLO.
+
+    A lower level that misses it is named: the sweep is then not monotone (noise, or a level
+    that hit a slow path), and the capacity deserves a second look.
+    """
+    groups: dict[tuple[str, int, int, bool], list[LevelSummary]] = {}
+    for s in summaries:
+        groups.setdefault(_group(s.level), []).append(s)
+    lines = []
+    for (scenario, n_in, n_out, _), sweep in groups.items():
+        head = f"Capacity at TTFT p99 ≤ {slo_ttft_ms:g} ms"
+        sweep = sorted(sweep, key=lambda s: _load_value(s.level))
+        meets = [s.ttft_p99 <= slo_ttft_ms for s in sweep]  # NaN (no success) never meets
+        if not any(meets):
+            best = min(sweep, key=lambda s: s.ttft_p99 if math.isfinite(s.ttft_p99) else math.inf)
+            lines.append(
+                f"{head} ({scenario} {n_in}/{n_out}): none of the measured levels meets it "
+                f"(lowest TTFT p99: {_num(best.ttft_p99)} ms at {_load_text(best.level)})"
+            )
+            continue
+        top = max(i for i, ok in enumerate(meets) if ok)
+        line = f"{head}: {_load_text(sweep[top].level)} ({scenario} {n_in}/{n_out})"
+        if top == len(sweep) - 1:
+            which = "only" if len(sweep) == 1 else "highest"
+            line += f"; the {which} level measured, so the capacity may be higher"
+        missed = [s.level for s, ok in zip(sweep[:top], meets[:top], strict=True) if not ok]
+        if missed:
+            names = ", ".join(_load_text(lv) for lv in missed)
+            line += f"; but {names}, below it, miss{'es' * (len(missed) == 1)} it"
+        if sweep[top].failed:
+            line += f"; {sweep[top].failed} requests failed at that level"
+        lines.append(line)
+    return lines
+
+
+def _summary_table(summaries: Sequence[LevelSummary]) -> Table:
+    header = ["level", "runs", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms"]
+    header += ["ITL p50 ms", "E2E p50 ms", "success", "peak MiB"]
+    rows = []
+    for s in summaries:
+        mem = f"{_num(s.peak_mib)} {s.memory_kind}" if s.memory_kind else "–"
+        rate = s.success_rate
+        success = "–" if math.isnan(rate) else "100%" if rate == 1.0 else f"{rate:.1%}"
+        rows.append(
+            [
+                s.level.name,
+                str(s.repeats),
+                _num(s.output_throughput),
+                _num(s.ttft_p50),
+                _num(s.ttft_p99),
+                _num(s.tpot_p50),
+                _num(s.itl_p50),
+                _num(s.e2e_p50),
+                success,
+                mem,
+            ]
+        )
+    return Table(header, rows, [s.success_rate < 1.0 for s in summaries], text_columns=1)
+
+
+def _distinct(runs: pd.DataFrame, column: str) -> str:
+    values = [str(v) for v in runs[column].dropna().unique()]
+    return ", ".join(values) if values else "unknown"
+
+
+def _environment(runs: pd.DataFrame, run_ids: Sequence[str]) -> Bullets:
+    commits = runs[["git_commit", "git_dirty"]].drop_duplicates()
+    commit = ", ".join(
+        "unknown" if _none_if_nan(c) is None else str(c)[:12] + (" (dirty)" if d is True else "")
+        for c, d in commits.itertuples(index=False)
+    )
+    return Bullets(
+        [
+            f"runs: {', '.join(run_ids)}",
+            f"model: {_distinct(runs, 'model')}",
+            f"target: {_distinct(runs, 'target_kind')} ({_distinct(runs, 'endpoint')} endpoint)",
+            f"hardware: {_distinct(runs, 'hardware_key')}",
+            f"git commit: {commit}",
+            f"started: {_time(str(runs['started_at'].min()))}",
+        ]
+    )
+
+
+def _run_warnings(summaries: Sequence[LevelSummary]) -> list[str]:
+    out = []
+    for s in summaries:
+        name = s.level.name
+        if s.partial:
+            out.append(f"{name}: {s.partial} of {s.repeats} repeats stopped early (partial)")
+        if s.failed:
+            out.append(f"{name}: {s.failed} requests failed; latencies are of the others")
+        if s.client_bound:
+            out.append(
+                f"{name}: client-bound in {s.client_bound} of {s.repeats} repeats: the "
+                "harness's own event loop lagged, so these latencies include client delay"
+            )
+        if s.repeats < MIN_REPEATS:
+            out.append(
+                f"{name}: {s.repeats} repeats; comparisons need at least {MIN_REPEATS} per build"
+            )
+    return out
+
+
+def find_run_dirs(paths: Sequence[Path]) -> list[Path]:
+    """Each path is a run directory (with runs.parquet) or a folder of run directories."""
+    found: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            raise ReportError(f"run directory {path} does not exist")
+        if (path / "runs.parquet").is_file():
+            found.append(path)
+            continue
+        inside = sorted(p.parent for p in path.glob("*/runs.parquet"))
+        if not inside:
+            raise ReportError(
+                f"{path} has no runs.parquet, nor has any directory in it: pass a run "
+                "directory written by `python -m bench` (results_dir/<run_id>/) or their parent"
+            )
+        found += inside
+    return found
+
+
+def write_run_report(
+    run_dirs: Sequence[Path], out_dir: Path, slo_ttft_ms: float = 2000.0
+) -> dict[str, Path]:
+    """report.md, report.html and the figures of one build (one or more run directories)."""
+    dirs = find_run_dirs([Path(p) for p in run_dirs])
+    loaded = [store.load(d) for d in dirs]
+    runs = pd.concat([s.runs for s in loaded], ignore_index=True)
+    requests = pd.concat([s.requests for s in loaded], ignore_index=True)
+    if runs.empty:
+        raise ReportError(f"no runs recorded in {', '.join(map(str, dirs))}")
+    run_ids = [d.name for d in dirs]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    label = run_ids[0] if len(run_ids) == 1 else f"{len(run_ids)} runs"
+    figures = all_figures([Build(label, runs, requests)], out_dir)
+
+    summaries = summarize_levels(runs)
+    blocks: list[Block] = [Heading(f"Benchmark report: {label}", 1)]
+    blocks += [Para(line, strong=True) for line in capacity(summaries, slo_ttft_ms)]
+    blocks += [
+        Heading("Results per load level"),
+        _summary_table(summaries),
+        Para(
+            "Medians over repeats of each run's value; success is completed / sent over all "
+            "repeats (rows with failures in bold); peak memory is the maximum over repeats, "
+            "of all GPUs (NVML) or else of the server's process tree (RSS).",
+            small=True,
+        ),
+        Heading("Environment"),
+        _environment(runs, run_ids),
+        *_figure_blocks(figures, out_dir),
+    ]
+    warnings = _run_warnings(summaries)
+    if warnings:
+        blocks += [Heading("Warnings"), Bullets(warnings)]
+    return _write(f"Benchmark report: {label}", blocks, figures, out_dir)
+
+
+# ---- command line ------------------------------------------------------------------------
+
+
+@dataclass
+class _Slo:
+    ttft_ms: float = 2000.0  # the capacity's objective; not the run's goodput SLO
+
+
+@dataclass
+class ReportArgs:
+    run: list[str] = field(default_factory=list)
+    report: str | None = None  # default: reports/<run_id>/
+    slo: _Slo = field(default_factory=_Slo)
+
+
+USAGE = """\
+python -m bench.report: a Markdown and HTML report of one build's runs, with figures.
+
+Usage:
+  python -m bench.report run=PATH [run=PATH ...] [report=DIR] [slo.ttft_ms=2000]
+
+Keys:
+  run=PATH         a run directory (results_dir/<run_id>/, with runs.parquet), or a folder of
+                   them; repeat run= to report several runs as one build
+  report=DIR       where report.md, report.html and the figures go
+                   (default: reports/<run_id>/)
+  slo.ttft_ms=MS   the TTFT p99 objective the capacity is measured against (default 2000)
+
+Example:
+  python -m bench.report run=results/runs/20261122-215613-concurrency-b8a18a
+"""
+
+
+def _parse_args(argv: Sequence[str]) -> ReportArgs:
+    """key=value arguments; run= may repeat, which a dotlist alone would collapse to the last."""
+    runs = [a.removeprefix("run=") for a in argv if a.startswith("run=")]
+    rest = [a for a in argv if not a.startswith("run=")]
+    merged = OmegaConf.merge(OmegaConf.structured(ReportArgs), OmegaConf.from_dotlist(rest))
+    args = OmegaConf.to_object(merged)
+    assert isinstance(args, ReportArgs)
+    args.run = runs
+    return args
+
+
+def _default_dir(run_dirs: Sequence[Path]) -> Path:
+    name = run_dirs[0].name + (f"+{len(run_dirs) - 1}" if len(run_dirs) > 1 else "")
+    return Path("reports") / name
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if {"-h", "--help"} & set(argv):
+        print(USAGE, end="")
+        return 0
+    try:
+        args = _parse_args(argv)
+        if not args.run:
+            raise ReportError("no run given: pass run=PATH (see --help)")
+        dirs = find_run_dirs([Path(p) for p in args.run])
+        out_dir = Path(args.report) if args.report else _default_dir(dirs)
+        paths = write_run_report(dirs, out_dir, args.slo.ttft_ms)
+    except OmegaConfBaseException as exc:
+        # The first line says what was wrong ("Key 'foo' not in 'ReportArgs'", "Value 'x' ...
+        # could not be converted to Float"); the rest is OmegaConf's internals.
+        first = str(exc).splitlines()[0]
+        key = getattr(exc, "full_key", None)
+        where = f" (key {key})" if key else ""
+        print(f"error: {first}{where}; keys are run, report, slo.ttft_ms", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # ReportError, and store.load refusing another schema version
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {paths['md']}\n        {paths['html']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,517 @@
+"""Reports: what report.md and report.html say, and that they stay valid and self-contained."""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from bench import report
+from bench.comparison import (
+    Comparison,
+    Geomean,
+    Level,
+    MemoryRow,
+    Metric,
+    QuantileRow,
+    Row,
+    Side,
+)
+from bench.figures import Build
+from bench.records import (
+    REQUESTS_SCHEMA,
+    RUNS_SCHEMA,
+    SCHEMA_VERSION,
+    RequestRecord,
+    RunRecord,
+    to_table,
+)
+from bench.stats import Verdict, ratio_test
+from bench.store import RunStore
+
+# ---- records with the real schemas -------------------------------------------------------
+
+
+def _request(**fields: Any) -> RequestRecord:
+    base: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": "r",
+        "scenario": "sweep",
+        "repeat": 0,
+        "level": 0,
+        "input_tokens": 64,
+        "output_tokens_requested": 4,
+        "concurrency": 1,
+        "request_rate": None,
+        "index": 0,
+        "request_id": "q",
+        "ok": True,
+        "error": None,
+        "error_message": None,
+        "http_status": 200,
+        "prompt_tokens": 64,
+        "output_tokens": 4,
+        "output_tokens_source": "usage",
+        "token_attribution": "usage",
+        "events": 4,
+        "scheduled_s": 0.0,
+        "sent_s": 0.0,
+        "first_token_s": 0.01,
+        "end_s": 0.05,
+        "send_lag_ms": 0.0,
+        "ttft_ms": 10.0,
+        "tpot_ms": 5.0,
+        "e2e_ms": 50.0,
+        "ttft_from_scheduled_ms": 10.0,
+        "e2e_from_scheduled_ms": 50.0,
+        "itl_ms": [5.0, 5.0, 5.0],
+        "event_ms": [10.0, 15.0, 20.0, 25.0],
+        "event_tokens": [1, 1, 1, 1],
+        "server_queue_ms": None,
+        "server_prefill_ms": None,
+        "server_decode_ms": None,
+        "server_e2e_ms": None,
+    }
+    return RequestRecord(**(base | fields))
+
+
+def _run(**fields: Any) -> RunRecord:
+    nulls = {f: None for f in RunRecord.__dataclass_fields__ if f.endswith(("_p90", "_mean"))}
+    base: dict[str, Any] = {
+        **nulls,
+        "schema_version": SCHEMA_VERSION,
+        "run_id": "r",
+        "scenario": "sweep",
+        "repeat": 0,
+        "level": 0,
+        "input_tokens": 64,
+        "output_tokens": 128,
+        "concurrency": 1,
+        "request_rate": None,
+        "status": "complete",
+        "stopped_early": None,
+        "started_at": "2026-01-01T00:00:00+00:00",
+        "ended_at": "2026-01-01T00:00:01+00:00",
+        "monotonic_origin_s": 0.0,
+        "duration_s": 1.0,
+        "num_requests": 2,
+        "sent": 2,
+        "completed": 2,
+        "failed": 0,
+        "success_rate": 1.0,
+        "errors_json": "{}",
+        "total_input_tokens": 128,
+        "total_output_tokens": 8,
+        "output_throughput": 100.0,
+        "request_throughput": 2.0,
+        "total_token_throughput": 136.0,
+        "goodput": None,
+        "ttft_ms_p50": 10.0,
+        "ttft_ms_p99": 20.0,
+        "tpot_ms_p50": 5.0,
+        "tpot_ms_p99": 6.0,
+        "itl_ms_p50": 5.0,
+        "itl_ms_p99": 6.0,
+        "e2e_ms_p50": 50.0,
+        "e2e_ms_p99": 60.0,
+        "ttft_from_scheduled_ms_p50": None,
+        "ttft_from_scheduled_ms_p99": None,
+        "e2e_from_scheduled_ms_p50": None,
+        "e2e_from_scheduled_ms_p99": None,
+        "send_lag_ms_p50": None,
+        "send_lag_ms_p99": None,
+        "loop_lag_ms_p50": None,
+        "loop_lag_ms_p99": None,
+        "loop_lag_ms_max": None,
+        "client_bound": False,
+        "peak_gpu_memory_mib": [],
+        "peak_gpu_memory_mib_total": None,
+        "peak_rss_mib": 600.0,
+        "load_time_s": None,
+        "load_breakdown_json": None,
+        "target_kind": "bundled",
+        "base_url": "http://x",
+        "model": "tiny",
+        "endpoint": "completions",
+        "workload_hash": "w",
+        "config_hash": "c",
+        "config_yaml": "",
+        "git_commit": "0123456789abcdef",
+        "git_dirty": False,
+        "hardware_key": "cpu",
+        "environment_json": "{}",
+    }
+    return RunRecord(**(base | fields))
+
+
+def _records(
+    scenario: str, ttft_p99_by_concurrency: dict[int, float], repeats: int = 3
+) -> tuple[list[RunRecord], list[RequestRecord]]:
+    """A closed-loop sweep whose runs have the given TTFT p99; two requests per run."""
+    runs, requests = [], []
+    for level, (conc, p99) in enumerate(ttft_p99_by_concurrency.items()):
+        for repeat in range(repeats):
+            where = {"scenario": scenario, "level": level, "repeat": repeat, "concurrency": conc}
+            runs.append(_run(**where, ttft_ms_p99=p99 * (1 + 0.01 * (repeat - 1))))
+            requests += [_request(**where, index=i, ttft_ms=p99 / (2 - i)) for i in range(2)]
+    return runs, requests
+
+
+def _build(label: str, scale: float) -> Build:
+    runs, requests = _records("sweep", {1: 20.0 * scale, 4: 40.0 * scale})
+    return Build(
+        label,
+        to_table(runs, RUNS_SCHEMA).to_pandas(),
+        to_table(requests, REQUESTS_SCHEMA).to_pandas(),
+    )
+
+
+# ---- a synthetic comparison --------------------------------------------------------------
+
+C1 = Level("sweep", 1, None, 64, 128)
+C4 = Level("sweep", 4, None, 64, 128)
+TPUT = Metric("output_throughput", "out tok/s", "tok/s", True)
+TTFT50 = Metric("ttft_ms_p50", "TTFT p50", "ms", False)
+TTFT99 = Metric("ttft_ms_p99", "TTFT p99", "ms", False)
+TPOT = Metric("tpot_ms_p50", "TPOT p50", "ms", False)
+E2E = Metric("e2e_ms_p50", "E2E p50", "ms", False)
+HOSTILE = "candidate <script>alert(1)</script>"
+
+
+def _row(
+    level: Level,
+    metric: Metric,
+    scale: float,
+    p_adjusted: float,
+    verdict: Verdict = "~",
+    gate: float = 0.05,
+    regression: bool = False,
+) -> Row:
+    base = [100.0, 102.0, 98.0, 101.0, 99.0]
+    cand = [v * scale for v in [101.0, 99.0, 100.0, 98.0, 102.0]]
+    return Row(
+        level=level,
+        metric=metric,
+        baseline=base,
+        candidate=cand,
+        baseline_median=float(pd.Series(base).median()),
+        candidate_median=float(pd.Series(cand).median()),
+        test=ratio_test(base, cand),
+        p_adjusted=p_adjusted,
+        verdict=verdict,
+        gate=gate,
+        regression=regression,
+    )
+
+
+def _side(label: str, source: str) -> Side:
+    return Side(
+        label=label,
+        source=source,
+        run_dirs=["results/runs/a"],
+        model="tiny",
+        target_kind="bundled",
+        engine="quantization=int8" if label != "baseline" else "",
+        git_commit="0123456789abcdef",
+        git_dirty=label != "baseline",
+        hardware_key="cpu",
+        started_at="2026-01-01T00:00:00+00:00",
+    )
+
+
+REGRESSION = _row(C4, TTFT99, 1.25, 0.0004, "worse", regression=True)
+WORSE_WITHIN_GATE = _row(C4, TPOT, 1.07, 0.02, "worse", gate=0.10)
+IMPROVED = _row(C1, TPUT, 1.2, 0.003, "better")
+UNCHANGED_E2E = _row(C1, E2E, 1.0, 1.0)
+UNTESTED = Row(C4, E2E, [50.0], [], 50.0, math.nan, None, math.nan, "~", 0.05, False)
+ROWS = [
+    IMPROVED,
+    _row(C1, TTFT50, 1.0, 1.0),
+    _row(C1, TTFT99, 1.01, 0.9),
+    UNCHANGED_E2E,
+    _row(C4, TPUT, 0.99, 0.9),
+    _row(C4, TTFT50, 1.02, 0.5),
+    REGRESSION,
+    WORSE_WITHIN_GATE,
+    UNTESTED,
+]
+COMPARISON = Comparison(
+    mode="stored baseline",
+    baseline=_side("baseline", "main"),
+    candidate=_side(HOSTILE, "results/pr"),
+    alpha=0.05,
+    threshold=0.02,
+    rows=ROWS,
+    quantiles=[QuantileRow(C4, "ttft_ms", 0.99, 40.0, 50.0, 1.25, 1.1, 1.4, (30, 30))],
+    memory=[MemoryRow(C4, "rss", 600.0, 540.0, -10.0, "better")],
+    geomeans=[Geomean(TPUT, 1.09), Geomean(TTFT99, 1.12)],
+    mismatches=["hardware_key: 'cpu' vs 'H100 x1'"],
+    warnings=["sweep 64/128 c=4: 3 repeats per build; comparisons need at least 5"],
+)
+
+
+@pytest.fixture(scope="module")
+def ab(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    builds = [_build("baseline", 1.0), _build(HOSTILE, 1.25)]
+    return report.write_comparison_report(COMPARISON, builds, tmp_path_factory.mktemp("ab"))
+
+
+def _md(paths: dict[str, Path]) -> str:
+    return paths["md"].read_text(encoding="utf-8")
+
+
+_CELL_SPLIT = re.compile(r"(?<!\\)\|")
+
+
+def _tables(md: str) -> list[list[list[str]]]:
+    """Every Markdown table as rows of cells (header first, the alignment row dropped)."""
+    tables: list[list[list[str]]] = []
+    previous = ""
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in _CELL_SPLIT.split(line)[1:-1]]
+            if not previous.startswith("|"):
+                tables.append([])
+            if not all(re.fullmatch(r":?-+:?", c) for c in cells):
+                tables[-1].append(cells)
+        previous = line
+    return tables
+
+
+def _section(md: str, start: str, end: str) -> str:
+    return md[md.index(start) : md.index(end, md.index(start))]
+
+
+def _compact(md: str) -> str:
+    return _section(md, "## Changes", "## Geometric mean")
+
+
+def _line_of(text: str, *needles: str) -> list[str]:
+    return [line for line in text.splitlines() if all(n in line for n in needles)]
+
+
+def test_the_counts_line_says_how_many_rows_improved_regressed_and_did_not_change(
+    ab: dict[str, Path],
+) -> None:
+    assert "1 improved · 2 regressed · 6 unchanged" in _md(ab)
+
+
+def test_a_regression_beyond_the_gate_says_the_comparison_fails(ab: dict[str, Path]) -> None:
+    assert "1 regression beyond the gate: this comparison fails" in _md(ab)
+
+
+def test_mismatches_are_warned_about_before_the_first_table(ab: dict[str, Path]) -> None:
+    md = _md(ab)
+    warning = md.index("> [!WARNING]")
+    assert "allow_mismatch=true" in md
+    assert "> - hardware_key: 'cpu' vs 'H100 x1'" in md
+    assert warning < md.index("\n|")
+
+
+def test_every_regression_is_in_the_compact_table_in_bold_and_marked_worse(
+    ab: dict[str, Path],
+) -> None:
+    for row in COMPARISON.regressions:
+        lines = _line_of(_compact(_md(ab)), row.level.name, row.metric.label)
+        assert len(lines) == 1
+        assert "**worse ❌**" in lines[0]
+        assert f"**{row.delta_pct:+.1f}% [" in lines[0]
+
+
+def test_a_worse_row_within_its_gate_is_listed_but_not_bold(ab: dict[str, Path]) -> None:
+    (line,) = _line_of(_compact(_md(ab)), C4.name, "TPOT p50")
+    assert "worse ❌" in line and "**" not in line
+
+
+def test_the_compact_table_shows_throughput_and_ttft_at_every_level_and_hides_the_rest(
+    ab: dict[str, Path],
+) -> None:
+    compact = _compact(_md(ab))
+    for level in (C1, C4):
+        for label in ("↑ out tok/s", "↓ TTFT p50 ms", "↓ TTFT p99 ms"):
+            assert len(_line_of(compact, level.name, label)) == 1, (level.name, label)
+    assert not _line_of(compact, "E2E p50")  # unchanged and not a key metric
+
+
+def test_p_values_are_shown_to_three_decimals_or_as_below_a_thousandth(
+    ab: dict[str, Path],
+) -> None:
+    compact = _compact(_md(ab))
+    assert "<0.001" not in compact  # escaped in Markdown, like every "<"
+    assert "&lt;0.001" in _line_of(compact, C4.name, "TTFT p99")[0]
+    assert "| 0.003 |" in _line_of(compact, C1.name, "out tok/s")[0]
+
+
+def test_the_details_block_lists_every_row_quantile_and_memory_row(ab: dict[str, Path]) -> None:
+    md = _md(ab)
+    rows = _section(md, "<summary>All 9 comparisons", "</details>")
+    for row in ROWS:
+        assert len(_line_of(rows, row.level.name, row.metric.label)) == 1
+    quantiles = _section(md, "<summary>Per-request quantiles", "</details>")
+    assert _line_of(quantiles, C4.name, "TTFT p99 ms", "(too few)")  # 30 requests for a p99
+    assert _line_of(_section(md, "<summary>Peak memory", "</details>"), C4.name, "better ✅")
+
+
+def test_every_markdown_table_row_has_as_many_cells_as_its_header(ab: dict[str, Path]) -> None:
+    tables = _tables(_md(ab))
+    assert len(tables) >= 5
+    for table in tables:
+        assert all(len(row) == len(table[0]) for row in table), table
+
+
+def test_image_links_point_at_figures_next_to_report_md(ab: dict[str, Path]) -> None:
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", _md(ab))
+    assert len(links) == 5
+    assert all((ab["md"].parent / link).is_file() for link in links)
+
+
+def test_the_result_maps_md_html_and_each_figure_to_its_file(ab: dict[str, Path]) -> None:
+    names = {"md", "html", "ttft_cdf", "e2e_cdf", "vs_concurrency", "peak_memory", "itl"}
+    assert set(ab) == names
+    assert all(path.is_file() for path in ab.values())
+
+
+def test_warnings_are_listed_at_the_end(ab: dict[str, Path]) -> None:
+    md = _md(ab)
+    assert md.index("## Warnings") > md.rindex("</details>")
+    assert "- sweep 64/128 c=4: 3 repeats per build" in md
+
+
+def test_text_is_escaped_in_markdown(ab: dict[str, Path]) -> None:
+    assert "<script>" not in _md(ab)
+    assert "&lt;script&gt;" in _md(ab)
+
+
+def test_markdown_shows_markup_in_labels_literally() -> None:
+    label = "a|b [x](http://e) *y* _z_ short_qa"
+    md = report.markdown([report.Table(["level", "n"], [[label, "1"]])])
+    assert "| a\\|b [x\\](http://e) \\*y\\* \\_z\\_ short_qa | 1 |" in md
+    assert all(len(row) == 2 for row in _tables(md)[0])
+
+
+def test_html_is_self_contained_with_images_as_data_uris(ab: dict[str, Path]) -> None:
+    page = ab["html"].read_text(encoding="utf-8")
+    assert not re.search(r"(src|href)=\"(https?:)?//", page)
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', page)
+    assert len(sources) == 5
+    prefix = "data:image/png;base64,"
+    assert all(s.startswith(prefix) for s in sources)
+    assert all(base64.b64decode(s.removeprefix(prefix)).startswith(b"\x89PNG") for s in sources)
+
+
+def test_html_escapes_text(ab: dict[str, Path]) -> None:
+    page = ab["html"].read_text(encoding="utf-8")
+    assert "<script>" not in page
+    assert "candidate &lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_html_marks_the_regression_row(ab: dict[str, Path]) -> None:
+    page = ab["html"].read_text(encoding="utf-8")
+    marked = re.findall(r'<tr class="marked">(.*?)</tr>', page)
+    assert any(C4.name in row and "TTFT p99" in row for row in marked)
+    assert not any("TPOT" in row for row in marked)
+
+
+# ---- one build ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    for run_id, scenario, p99 in (
+        ("run-a", "sweep", {1: 500.0, 2: 900.0, 4: 1800.0, 8: 2500.0}),
+        ("run-b", "slow", {1: 3000.0, 2: 4000.0}),
+    ):
+        s = RunStore(root, run_id)
+        s.runs, s.requests = _records(scenario, p99)
+        s.flush()
+    return report.write_run_report([root / "run-a", root / "run-b"], root / "report", 2000.0)
+
+
+def test_capacity_is_the_highest_level_whose_ttft_p99_meets_the_slo(
+    single: dict[str, Path],
+) -> None:
+    md = _md(single)
+    assert "Capacity at TTFT p99 ≤ 2000 ms: 4 concurrent users (sweep 64/128)**" in md
+
+
+def test_capacity_says_none_when_no_level_meets_the_slo(single: dict[str, Path]) -> None:
+    (line,) = _line_of(_md(single), "(slow 64/128)")
+    assert "none of the measured levels meets it" in line
+
+
+def test_capacity_names_a_lower_level_that_misses_the_slo() -> None:
+    def level(concurrency: int, p99: float) -> report.LevelSummary:
+        lv = Level("s", concurrency, None, 1, 1)
+        return report.LevelSummary(lv, 5, 1.0, 1.0, p99, 1.0, 1.0, 1.0, 1.0, 0, 1.0, "", 0, 0)
+
+    (line,) = report.capacity([level(1, 10.0), level(2, 99.0), level(4, 10.0)], 50.0)
+    assert ": 4 concurrent users" in line and "2 concurrent users, below it, misses it" in line
+
+
+def test_the_run_report_has_a_row_per_level_with_the_median_over_repeats(
+    single: dict[str, Path],
+) -> None:
+    (table, *_) = _tables(_md(single))
+    rows = {row[0]: row for row in table[1:]}
+    assert len(rows) == 6
+    assert rows["sweep 64/128 c=8"][table[0].index("TTFT p99 ms")] == "2,500"
+
+
+def test_the_run_report_has_html_and_linked_figures(single: dict[str, Path]) -> None:
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", _md(single))
+    assert len(links) == 5 and all((single["md"].parent / link).is_file() for link in links)
+    assert "data:image/png;base64," in single["html"].read_text(encoding="utf-8")
+
+
+def test_a_folder_of_run_directories_reports_each_of_them(tmp_path: Path) -> None:
+    for run_id in ("b", "a"):
+        RunStore(tmp_path, run_id).flush()
+    (tmp_path / "not-a-run").mkdir()
+    assert report.find_run_dirs([tmp_path]) == [tmp_path / "a", tmp_path / "b"]
+
+
+# ---- command line ------------------------------------------------------------------------
+
+
+def _cli(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = report.main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_cli_refuses_an_unknown_key_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _cli([f"run={tmp_path}", "colour=red"], capsys)
+    assert code == 2 and err.startswith("error: ") and "'colour'" in err
+
+
+def test_cli_refuses_a_missing_run_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _cli([f"run={tmp_path / 'nope'}"], capsys)
+    assert code == 2 and f"error: run directory {tmp_path / 'nope'} does not exist" in err
+
+
+def test_cli_refuses_a_directory_without_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _cli([f"run={tmp_path}"], capsys)
+    assert code == 2 and "has no runs.parquet" in err
+
+
+def test_cli_refuses_a_bad_slo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _cli([f"run={tmp_path}", "slo.ttft_ms=fast"], capsys)
+    assert code == 2 and "'fast'" in err and "(key slo.ttft_ms)" in err
+
+
+def test_cli_help_lists_the_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    assert report.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(key in out for key in ("run=PATH", "report=DIR", "slo.ttft_ms="))

@@ -2,8 +2,9 @@
 
 A baseline holds one run per scenario (saving a scenario again replaces its earlier run), each
 as the run's own Parquet directory, plus `manifest.json` saying what each run measured: model,
-engine settings, workload hash, hardware, git commit and date. A few hundred kilobytes: small
-enough to commit beside the code whose performance it pins.
+engine settings, workload hash, hardware, git commit and date. A few megabytes for the standard
+scenarios (mostly per-token gaps): small enough to commit beside the code whose performance it
+pins, and only comparable on the hardware it was measured on.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ class Entry:
 def engine_knobs(config_yaml: str) -> str:
     """The bundled engine's knobs that a run set (non-null `runtime.*`), as `k=v` pairs."""
     runtime = OmegaConf.to_container(OmegaConf.create(config_yaml)).get("runtime") or {}  # type: ignore[union-attr]
-    return " ".join(f"{k}={v}" for k, v in sorted(runtime.items()) if v is not None)
+    # log_level changes what the engine prints, not how it serves.
+    knobs = sorted((k, v) for k, v in runtime.items() if v is not None and k != "log_level")
+    return " ".join(f"{k}={v}" for k, v in knobs)
 
 
 def entry_of(run_dir: Path) -> Entry:

@@ -423,8 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.report:
         from bench.report import write_comparison_report
 
-        builds = [Build(f"{s.label}", x.runs, x.requests) for s, x in
-                  ((base.side, base), (cand.side, cand))]  # fmt: skip
+        sides = (base, cand)
+        labels = [x.side.label + (f" ({x.side.engine})" if x.side.engine else "") for x in sides]
+        builds = [Build(lb, x.runs, x.requests) for lb, x in zip(labels, sides, strict=True)]
         paths = write_comparison_report(result, builds, Path(cfg.report))
         print(f"report: {paths['md']}")
     return EXIT_REGRESSION if result.regressions else 0

@@ -301,8 +301,23 @@ def compare(
         ratios = [r.test.ratio for r in result.rows if r.metric == metric and r.test is not None]
         if ratios:
             result.geomeans.append(Geomean(metric, stats.geomean(ratios)))
+    _warn_few_samples(result)
     _warn(result, base, cand)
     return result
+
+
+def _warn_few_samples(result: Comparison) -> None:
+    """One warning per quantile whose pooled samples are too few to bracket it."""
+    for q, needed in stats.MIN_QUANTILE_SAMPLES.items():
+        short = [r for r in result.quantiles if r.q == q and min(r.samples) < needed]
+        if short:
+            fewest = min(min(r.samples) for r in short)
+            result.warnings.append(
+                f"p{q * 100:g} rests on too few requests in {len(short)} of the per-request "
+                f"quantile rows (as few as {fewest} per side; {needed} are needed to bracket "
+                "it): its CI is wide and the estimate near the sample maximum. Raise "
+                "scenario.num_requests or scenario.repeats"
+            )
 
 
 def _quantiles(result: Comparison, level: Level, base: pd.DataFrame, cand: pd.DataFrame) -> None:
@@ -312,12 +327,6 @@ def _quantiles(result: Comparison, level: Level, base: pd.DataFrame, cand: pd.Da
         n = (sum(map(len, b_runs)), sum(map(len, c_runs)))
         if not min(n):
             continue
-        if min(n) < stats.MIN_QUANTILE_SAMPLES[q]:
-            result.warnings.append(
-                f"{level.name} {column} p{q * 100:g}: {min(n)} requests on the smaller side; "
-                f"p{q * 100:g} needs {stats.MIN_QUANTILE_SAMPLES[q]} to be bracketed "
-                "(scenario.num_requests, scenario.repeats)"
-            )
         try:
             ratio, low, high = stats.bootstrap_quantile_ratio(b_runs, c_runs, q)
         except ValueError as exc:

@@ -14,6 +14,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from omegaconf import OmegaConf
@@ -33,6 +34,7 @@ class Entry:
     git_commit: str | None
     git_dirty: bool | None
     started_at: str
+    environment: dict[str, Any]  # the run's whole fingerprint: packages, CPU, GPUs, driver, CUDA
 
 
 def engine_knobs(config_yaml: str) -> str:
@@ -59,6 +61,7 @@ def entry_of(run_dir: Path) -> Entry:
         git_commit=None if pd.isna(first["git_commit"]) else str(first["git_commit"]),
         git_dirty=None if pd.isna(first["git_dirty"]) else bool(first["git_dirty"]),
         started_at=str(runs["started_at"].min()),
+        environment=json.loads(str(first["environment_json"])),
     )
 
 

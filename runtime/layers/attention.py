@@ -44,12 +44,17 @@ class AttentionBackend(Protocol):
 
 
 @dataclass(frozen=True)
+class _DecodeGroup:
+    rows: torch.Tensor  # flat rows of these decoders (one new token each)
+    blocks: torch.Tensor  # [decoders, their most blocks], padding pointed at block 0
+    mask: torch.Tensor  # [decoders, 1, 1, context]: keys within each context
+
+
+@dataclass(frozen=True)
 class _Plan:
     """How a step's sequences are grouped, computed once and shared by every layer."""
 
-    decode_rows: torch.Tensor  # flat rows of the sequences decoding one token
-    decode_blocks: torch.Tensor  # [decoders, max blocks], padding pointed at block 0
-    decode_mask: torch.Tensor  # [decoders, 1, 1, context]: keys within each context
+    decode: _DecodeGroup | None  # None when no sequence decodes this step
     prefills: list[tuple[int, int, int, torch.Tensor]]  # (first row, end row, context, blocks)
 
 
@@ -57,8 +62,9 @@ class TorchAttention:
     """The reference backend: plain PyTorch, runs anywhere.
 
     Decoding sequences (one new token each) share one batched attention call over their
-    gathered, padded contexts; prefill chunks, few per step, go one by one (padding them to a
-    common width would multiply the work of every decoder in the step by the chunk length).
+    gathered contexts, padded to the longest (splitting short from long contexts into two calls
+    measured within noise on mixed lengths); prefill chunks, few per step, go one by one
+    (padding them to a common width would multiply every decoder's work by the chunk length).
     """
 
     def __init__(self) -> None:
@@ -82,16 +88,19 @@ class TorchAttention:
             else:
                 blocks = meta.block_tables[i, : -(-context // block_size)]
                 prefills.append((lo, hi, context, blocks))
-        index = torch.tensor(decoders, dtype=torch.long, device=meta.slot_mapping.device)
-        tables = meta.block_tables[index]
-        keys = torch.arange(tables.shape[1] * block_size, device=index.device)
-        mask = keys[None, :] < meta.context_lens[index][:, None]
-        plan = _Plan(
-            decode_rows=meta.query_start_loc[index],
-            decode_blocks=tables.clamp(min=0),
-            decode_mask=mask[:, None, None, :],
-            prefills=prefills,
-        )
+        device = meta.slot_mapping.device
+        group = None
+        if decoders:
+            index = torch.tensor(decoders, dtype=torch.long, device=device)
+            # Padded to the longest of the decoders' own contexts: a prefill in the same step
+            # may have a longer block table, which the decoders must not pay for.
+            width = max(-(-lengths[i] // block_size) for i in decoders)
+            tables = meta.block_tables[index, :width]
+            keys = torch.arange(width * block_size, device=device)
+            mask = keys[None, :] < meta.context_lens[index][:, None]
+            group = _DecodeGroup(meta.query_start_loc[index], tables.clamp(min=0),
+                                 mask[:, None, None, :])  # fmt: skip
+        plan = _Plan(group, prefills)
         self._plan = (meta, plan)
         return plan
 
@@ -110,8 +119,9 @@ class TorchAttention:
         kv_cache[1, blocks, :, offsets] = v.to(kv_cache.dtype)
         plan = self._plan_for(meta, block_size)
         out = torch.empty_like(q)
-        if len(plan.decode_rows):
-            out[plan.decode_rows] = self._decode(q[plan.decode_rows], kv_cache, plan, scale)
+        if plan.decode is not None:
+            rows = plan.decode.rows
+            out[rows] = self._decode(q[rows], kv_cache, plan.decode, scale)
         for lo, hi, length, table in plan.prefills:
             n = hi - lo
             # [kv_heads, tokens, head_dim] of the sequence's blocks, in order.
@@ -132,7 +142,9 @@ class TorchAttention:
         return out
 
     @staticmethod
-    def _decode(q: torch.Tensor, kv_cache: torch.Tensor, plan: _Plan, scale: float) -> torch.Tensor:
+    def _decode(
+        q: torch.Tensor, kv_cache: torch.Tensor, group: _DecodeGroup, scale: float
+    ) -> torch.Tensor:
         """One query row per sequence against its gathered blocks, block by block: the
         head-major blocks are multiplied where the gather put them (no transposed copy of the
         context), and only the small score tensor is rearranged for the softmax.
@@ -142,16 +154,16 @@ class TorchAttention:
         (allocate it zeroed, never with torch.empty), as 0 * NaN is NaN.
         """
         decoders, (_, _, kv_heads, block_size, head_dim) = len(q), kv_cache.shape
-        blocks = plan.decode_blocks.shape[1]
+        blocks = group.blocks.shape[1]
         # index_select on a flat index: ~4x faster on CPU than advanced indexing by the table.
-        flat = plan.decode_blocks.flatten()
+        flat = group.blocks.flatten()
         shape = (decoders, blocks, kv_heads, block_size, head_dim)
         keys, values = (kv_cache[w].index_select(0, flat).view(shape).to(q.dtype) for w in (0, 1))
         grouped = q.view(decoders, 1, kv_heads, -1, head_dim)  # [d, 1, kv, group, hd]
         scores = grouped @ keys.transpose(-1, -2) * scale  # [d, blocks, kv, group, bs]
         # Softmax over each sequence's whole context: blocks and slots together.
         scores = scores.permute(0, 2, 3, 1, 4).reshape(decoders, kv_heads, -1, blocks * block_size)
-        scores.masked_fill_(~plan.decode_mask, float("-inf"))
+        scores.masked_fill_(~group.mask, float("-inf"))
         weights = torch.softmax(scores, dim=-1).view(decoders, kv_heads, -1, blocks, block_size)
         o = weights.permute(0, 3, 1, 2, 4) @ values  # [d, blocks, kv, group, hd]
         return o.sum(dim=1).view(decoders, -1, head_dim)

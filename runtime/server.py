@@ -16,9 +16,8 @@ time.perf_counter() differences (see `RequestTimings`):
 - decode_ms: first token -> last token used,
 - e2e_ms: HTTP arrival -> last token used (the response's own writing is not included).
 
-Text. Output tokens are detokenised incrementally as vLLM does: a short window of tokens is
-decoded and only the text that extends the window's previous decoding is emitted, never a
-trailing U+FFFD (a multi-byte character whose bytes have not all arrived). Stop strings are
+Text. Output tokens are detokenised incrementally (tokenizers' `DecodeStream`, seeded with the
+prompt's last tokens), never emitting half a multi-byte character. Stop strings are
 matched on that text; the output is cut before the stop string, `finish_reason` is "stop" and
 the request is aborted in the engine. While streaming, the last (longest stop string - 1)
 characters are held back, so no prefix of a stop string is ever sent and then retracted.
@@ -57,6 +56,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from tokenizers.decoders import DecodeStream
 
 from runtime.async_engine import AsyncEngine, EngineCore, EngineDeadError, QueueFull, RequestTimings
 from runtime.sequence import EngineStats, SamplingParams, TokenOutput
@@ -293,37 +293,31 @@ def _chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
 class _OutputText:
     """A request's output text: incremental detokenisation and stop strings (module docstring).
 
-    Invariant: `_ids[_prefix:_read]` is the window whose decoding was already emitted;
-    `_sent <= len(text)` is how much of `text` the client has.
+    Detokenisation is the tokenizers library's `DecodeStream`, one Rust call per token (about
+    9x cheaper than re-decoding a window through transformers, and this runs on the event loop
+    for every token of every stream). It starts from the prompt's last tokens so that a
+    SentencePiece tokenizer's leading space comes out right, and returns nothing until a
+    multi-byte character is complete. `_sent <= len(text)` is how much the client has.
     """
 
     def __init__(
         self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], stop: tuple[str, ...]
     ) -> None:
-        self._tokenizer = tokenizer
-        self._ids = prompt_ids[-DETOKENIZE_CONTEXT:]
-        self._prefix, self._read = 0, len(self._ids)
+        self._backend = tokenizer.backend_tokenizer
+        self._stream = DecodeStream(ids=prompt_ids[-DETOKENIZE_CONTEXT:], skip_special_tokens=True)
         self._stop = stop
         self._hold = max((len(s) for s in stop), default=1) - 1
         self._sent = 0
         self.text = ""
         self.stopped = False  # a stop string was found; `text` ends before it
 
-    def _decode(self, ids: list[int]) -> str:
-        text = self._tokenizer.decode(ids, skip_special_tokens=True)
-        assert isinstance(text, str)  # one sequence in, one string out
-        return text
-
     def add(self, token_ids: list[int]) -> None:
-        self._ids += token_ids
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        new = "".join(filter(None, (self._stream.step(self._backend, t) for t in token_ids)))
+        if not new:
             return  # nothing printable yet: a special token, or a character still incomplete
-        self._prefix, self._read = self._read, len(self._ids)
         # A stop string may begin in the last `_hold` characters already held.
         start = max(len(self.text) - self._hold, 0)
-        self.text += after[len(before) :]
+        self.text += new
         found = [i for s in self._stop if (i := self.text.find(s, start)) >= 0]
         if found:
             self.text, self.stopped = self.text[: min(found)], True

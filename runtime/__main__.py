@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runtime.config import DTYPES, QUANTIZATIONS, EngineConfig
+from runtime.parallel import torchrun_rank
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -26,6 +27,8 @@ EXAMPLES = """examples:
   python -m runtime serve --model tiny
   python -m runtime serve --model small --load-format dummy --max-num-seqs 64
   python -m runtime serve --model /path/to/hf-checkpoint --port 8001 --enable-prefix-caching
+  python -m runtime serve --model tiny --tensor-parallel-size 2   # spawns rank 1 itself
+  torchrun --nproc-per-node 2 -m runtime serve --model tiny --tensor-parallel-size 2
 then:
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"prompt": "The server", "max_tokens": 16}'
@@ -144,9 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = _engine_config(args)  # bad values fail here, before the port is taken
+        rank = torchrun_rank(cfg.tensor_parallel_size) if cfg.tensor_parallel_size > 1 else None
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if rank:  # under torchrun, ranks other than 0 only run their shard of the forward
+        from runtime.worker import run_worker
+
+        run_worker(cfg, rank, cfg.tensor_parallel_size, "env://")
+        return 0
     from runtime.server import ModelLoadError, serve
 
     try:

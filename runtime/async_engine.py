@@ -55,6 +55,11 @@ class EngineCore(Protocol):
         """How loading went, seconds per phase (and sizes), for the harness to record."""
         ...
 
+    def close(self) -> None:
+        """Release what the core holds beyond this process (tensor-parallel worker ranks);
+        called once the engine thread has stopped."""
+        ...
+
 
 class QueueFull(Exception):
     """Admission refused: `max_waiting` requests already wait for a batch slot."""
@@ -129,6 +134,7 @@ class AsyncEngine:
         self._stopping = True
         self._wakeup.set()
         await asyncio.to_thread(self._thread.join)
+        await asyncio.to_thread(self.core.close)  # after the join: the thread owns the core
         self._fail(EngineDeadError("the engine was stopped"))
 
     @property

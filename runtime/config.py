@@ -48,6 +48,19 @@ class ModelConfig:
         embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return layers * (attention + mlp + 2 * h) + embeddings + h
 
+    def check_tensor_parallel(self, size: int) -> None:
+        """Raise unless the model shards evenly over `size` ranks: query heads and MLP columns
+        split evenly, and K/V heads either split evenly or (fewer K/V heads than ranks) each
+        replicated on a whole number of ranks, so a rank's query heads all read one copy."""
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        if heads % size or self.intermediate_size % size or (kv % size and size % kv):
+            raise ValueError(
+                f"tensor_parallel_size {size} does not divide this model: it needs to divide "
+                f"num_attention_heads ({heads}) and intermediate_size "
+                f"({self.intermediate_size}), and to divide or be a multiple of "
+                f"num_key_value_heads ({kv}); choose a tensor_parallel_size that does"
+            )
+
     @classmethod
     def from_hf(cls, source: str | Path | Mapping[str, Any]) -> ModelConfig:
         """From a checkpoint directory, a config.json path, or its parsed contents."""
@@ -107,7 +120,7 @@ class EngineConfig:
     dtype: str = "auto"
     seed: int = 0
     enforce_eager: bool = False
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # ranks sharing every layer; > 1 starts worker processes
     load_format: str = "auto"
     quantization: str | None = None  # None (float weights) or one of QUANTIZATIONS
 
@@ -126,8 +139,8 @@ class EngineConfig:
             raise bad("gpu_memory_utilization", "a fraction in (0, 1]")
         if self.dtype not in ("auto", *DTYPES):
             raise bad("dtype", "one of auto, " + ", ".join(DTYPES))
-        if self.tensor_parallel_size != 1:
-            raise bad("tensor_parallel_size", "1 (tensor parallelism is not built yet)")
+        if self.tensor_parallel_size < 1:
+            raise bad("tensor_parallel_size", "an integer >= 1")
         if self.load_format not in ("auto", "dummy"):
             raise bad("load_format", "auto or dummy")
         if self.quantization not in (None, *QUANTIZATIONS):

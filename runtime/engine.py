@@ -1,7 +1,9 @@
 """The engine: one `step()` = schedule, run the model, sample, account. Nothing else.
 
 Requests enter as token ids with their sampling parameters and leave as tokens; text, chat
-templates and stop strings belong to the server.
+templates and stop strings belong to the server. With tensor_parallel_size N > 1 this process
+is rank 0: it schedules and samples, and each step's forward runs on all N ranks
+(runtime/worker.py).
 """
 
 from __future__ import annotations
@@ -14,23 +16,21 @@ from pathlib import Path
 import torch
 
 from runtime.block_manager import BlockManager
-from runtime.config import DTYPES, EngineConfig, ModelConfig, named_architecture
-from runtime.layers.attention import TorchAttention
-from runtime.loader import load_checkpoint, load_dummy
-from runtime.model_runner import ModelRunner
-from runtime.models.llama import LlamaForCausalLM
-from runtime.quantization import quantize, weight_bytes
+from runtime.config import EngineConfig
+from runtime.loader import resolve_model
+from runtime.model_runner import load_runner
+from runtime.parallel import SINGLE
+from runtime.quantization import weight_bytes
 from runtime.sampler import Sampler
-from runtime.scheduler import Scheduler
+from runtime.scheduler import Scheduler, Step
 from runtime.sequence import EngineStats, SamplingParams, Sequence, TokenOutput
-from runtime.tiny import ensure_tiny
-
-# Without a memory budget to size it from (CPU), the cache holds this many longest sequences.
-CPU_CACHE_SEQUENCES = 16
+from runtime.worker import Workers
 
 
 @dataclass(frozen=True)
 class LoadBreakdown:
+    """Times and sizes of this process: rank 0's shard under tensor parallelism."""
+
     read_s: float
     place_s: float
     quantize_s: float  # float weights to the quantised form (0 without --quantization)
@@ -40,59 +40,26 @@ class LoadBreakdown:
     warmup_s: float  # one short request end to end, so the first real one is not the slow one
 
 
-def resolve_model(cfg: EngineConfig) -> tuple[Path, ModelConfig]:
-    """Where the model's config (and, unless dummy, weights and tokenizer) live."""
-    if cfg.model == "tiny":
-        path = ensure_tiny()
-    elif (named := named_architecture(cfg.model)) is not None:
-        if cfg.load_format != "dummy":
-            raise ValueError(
-                f"{cfg.model!r} is a named architecture without weights: use "
-                "--load-format dummy, or pass a checkpoint directory"
-            )
-        path = named
-    else:
-        path = Path(cfg.model)
-        if not (path / "config.json").is_file():
-            raise ValueError(
-                f"--model {cfg.model!r} is neither `tiny`, a named architecture in "
-                "runtime/architectures/, nor a directory with a config.json"
-            )
-    return path, ModelConfig.from_hf(path)
-
-
 class Engine:
     def __init__(self, cfg: EngineConfig) -> None:
-        path, mcfg = resolve_model(cfg)
-        dtype = mcfg.dtype if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+        path, mcfg, self.max_model_len = resolve_model(cfg)  # raises before any rank starts
         self.config, self.model_config = cfg, mcfg
-        self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
-        if self.max_model_len > mcfg.max_position_embeddings:
-            # Positions past the model's own limit have no rotary angles (nor training).
-            raise ValueError(
-                f"max_model_len: expected at most the model's max_position_embeddings "
-                f"({mcfg.max_position_embeddings}), got {self.max_model_len}"
-            )
-        torch.manual_seed(cfg.seed)
-        backend = TorchAttention()
-        model = LlamaForCausalLM(mcfg, backend).to(dtype).eval()
-        if cfg.load_format == "dummy":
-            times = load_dummy(model, cfg.seed)
-        else:
-            times = load_checkpoint(model, path if path.is_dir() else path.parent)
-        quantize_s = 0.0
-        if cfg.quantization is not None:
-            start = time.perf_counter()
-            quantize(model, cfg.quantization)  # after loading: the loaders write float weights
-            quantize_s = time.perf_counter() - start
-        bs = cfg.block_size
-        blocks = cfg.num_kv_blocks or -(-self.max_model_len // bs) * CPU_CACHE_SEQUENCES
-        start = time.perf_counter()
-        self.runner = ModelRunner(
-            model, backend, mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_dim,
-            blocks, bs, dtype, torch.device("cpu"),
-        )  # fmt: skip
-        kv_cache_s = time.perf_counter() - start
+        # Ranks 1..N-1 (tensor parallelism); None at size 1, where no process group exists.
+        self.workers = Workers.start(cfg) if cfg.tensor_parallel_size > 1 else None
+        try:
+            self._load(path)
+        except BaseException:
+            self.close()  # no worker outlives a failed start
+            raise
+
+    def _load(self, path: Path) -> None:
+        """The model, cache, scheduler and warmup: everything that may fail once ranks run."""
+        cfg, mcfg = self.config, self.model_config
+        tp = self.workers.tp if self.workers is not None else SINGLE
+        loaded = load_runner(cfg, path, mcfg, self.max_model_len, tp)
+        self.runner = loaded.runner
+        # Every rank's cache has these blocks (each holding its K/V heads): one block table.
+        blocks, bs = self.runner.num_blocks, cfg.block_size
         self.blocks = BlockManager(blocks, bs, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
@@ -107,8 +74,8 @@ class Engine:
         warmup_s = time.perf_counter() - start
         kv_bytes = self.runner.kv_cache_bytes
         self.load = LoadBreakdown(
-            times.read_s, times.place_s, quantize_s, weight_bytes(model), kv_cache_s, kv_bytes,
-            warmup_s,
+            loaded.times.read_s, loaded.times.place_s, loaded.quantize_s,
+            weight_bytes(self.runner.model), loaded.kv_cache_s, kv_bytes, warmup_s,
         )  # fmt: skip
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
@@ -134,7 +101,7 @@ class Engine:
         step = self.scheduler.schedule()
         if not step.scheduled:
             return []
-        logits = self.runner.run(step)
+        logits = self.logits(step)
         sampling = [item.seq for item in step.scheduled if item.samples]
         ids = [s.seq_id for s in sampling]
         sampled = dict(
@@ -150,6 +117,20 @@ class Engine:
                 del self.seqs[seq.seq_id]
                 self.sampler.forget(seq.seq_id)
         return outputs
+
+    def logits(self, step: Step) -> torch.Tensor:
+        """The forward of one scheduled step: float32 logits of its sampling sequences."""
+        inputs = self.runner.prepare(step)
+        if self.workers is None:
+            logits = self.runner.execute(inputs)
+            assert logits is not None  # a single rank is rank 0
+            return logits
+        return self.workers.execute(self.runner, inputs)
+
+    def close(self) -> None:
+        """Stop the worker ranks (tensor parallelism); nothing to do at size 1. Idempotent."""
+        if self.workers is not None:
+            self.workers.close()
 
     def stats(self) -> EngineStats:
         return EngineStats(

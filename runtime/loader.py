@@ -1,7 +1,7 @@
 """Weights into the model: a local Hugging Face checkpoint (safetensors), or seeded dummies.
 
 Dummy weights are a pure function of (seed, parameter name), as vLLM's `load_format=dummy`,
-so every tensor-parallel rank (later) builds the same logical model without a checkpoint.
+so every tensor-parallel rank builds the same logical model without a checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +16,41 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from runtime.config import EngineConfig, ModelConfig, named_architecture
+from runtime.layers.weight_loader import logical_shape
 from runtime.models.llama import LlamaForCausalLM
+from runtime.tiny import ensure_tiny
+
+
+def resolve_model(cfg: EngineConfig) -> tuple[Path, ModelConfig, int]:
+    """Where the model's config (and, unless dummy, weights and tokenizer) live, its shape,
+    and the max_model_len to serve it at; raises if the config does not fit the model."""
+    if cfg.model == "tiny":
+        path = ensure_tiny()
+    elif (named := named_architecture(cfg.model)) is not None:
+        if cfg.load_format != "dummy":
+            raise ValueError(
+                f"{cfg.model!r} is a named architecture without weights: use "
+                "--load-format dummy, or pass a checkpoint directory"
+            )
+        path = named
+    else:
+        path = Path(cfg.model)
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"--model {cfg.model!r} is neither `tiny`, a named architecture in "
+                "runtime/architectures/, nor a directory with a config.json"
+            )
+    mcfg = ModelConfig.from_hf(path)
+    max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
+    if max_model_len > mcfg.max_position_embeddings:
+        # Positions past the model's own limit have no rotary angles (nor training).
+        raise ValueError(
+            f"max_model_len: expected at most the model's max_position_embeddings "
+            f"({mcfg.max_position_embeddings}), got {max_model_len}"
+        )
+    mcfg.check_tensor_parallel(cfg.tensor_parallel_size)
+    return path, mcfg, max_model_len
 
 
 @dataclass(frozen=True)
@@ -71,7 +105,11 @@ def _seed_of(seed: int, name: str) -> int:
 
 
 def load_dummy(model: LlamaForCausalLM, seed: int) -> LoadTimes:
-    """Norm weights 1, biases 0, everything else N(0, 0.02), as Llama's initialisation."""
+    """Norm weights 1, biases 0, everything else N(0, 0.02), as Llama's initialisation.
+
+    A sharded parameter draws the whole logical tensor and keeps its rank's slice through its
+    own loader, so every tensor-parallel size builds the same model (at a cost of drawing the
+    whole tensor on every rank; dummy weights are for shapes and speed, not load time)."""
     start = time.perf_counter()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -81,6 +119,7 @@ def load_dummy(model: LlamaForCausalLM, seed: int) -> LoadTimes:
                 param.zero_()
             else:
                 g = torch.Generator().manual_seed(_seed_of(seed, name))
-                values = torch.randn(param.shape, generator=g, dtype=torch.float32) * 0.02
-                param.copy_(values)
+                shape = logical_shape(param)
+                values = torch.randn(shape, generator=g, dtype=torch.float32) * 0.02
+                param.weight_loader(param, values, None)  # type: ignore[attr-defined]
     return LoadTimes(time.perf_counter() - start, 0.0)

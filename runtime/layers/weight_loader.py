@@ -1,7 +1,9 @@
 """How a checkpoint tensor reaches a parameter: through the parameter's own `weight_loader`.
 
 Each layer attaches the loader that knows its layout (a fused projection copies one shard of
-rows; tensor parallelism will slice here too), so the model's `load_weights` only maps names.
+rows; a tensor-parallel layer narrows the tensor to its rank's slice), so the model's
+`load_weights` only maps names. A loader always receives the *logical* tensor, the whole one
+the checkpoint stores; `logical_shape` says its shape where the parameter holds only a slice.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-# (parameter, checkpoint tensor, shard id of a fused parameter or None)
+# (parameter, checkpoint tensor, shard id of a fused parameter or None for the whole tensor)
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, str | None], None]
 
 
@@ -24,7 +26,18 @@ def copy_weight(param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None 
     param.data.copy_(loaded)
 
 
-def set_weight_loader(module: nn.Module, loader: WeightLoader = copy_weight) -> None:
-    """Attach `loader` to the module's own parameters (not its children's)."""
-    for param in module.parameters(recurse=False):
+def set_weight_loader(
+    module: nn.Module, loader: WeightLoader = copy_weight, logical_shape: tuple[int, ...] = ()
+) -> None:
+    """Attach `loader` to the module's own parameters (not its children's); a sharded weight
+    also records the shape of the whole tensor its loader takes."""
+    for name, param in module.named_parameters(recurse=False):
         param.weight_loader = loader  # type: ignore[attr-defined]
+        if logical_shape and name == "weight":
+            param.logical_shape = logical_shape  # type: ignore[attr-defined]
+
+
+def logical_shape(param: nn.Parameter) -> tuple[int, ...]:
+    """The shape of the whole tensor this parameter holds (a slice of, under tensor
+    parallelism)."""
+    return tuple(getattr(param, "logical_shape", param.shape))

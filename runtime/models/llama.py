@@ -11,9 +11,10 @@ from runtime.config import ModelConfig
 from runtime.layers.activation import SiluAndMul
 from runtime.layers.attention import AttentionBackend, AttentionMetadata
 from runtime.layers.embedding import LMHead, VocabEmbedding
-from runtime.layers.linear import Linear, MergedLinear
+from runtime.layers.linear import MergedLinear, RowParallelLinear
 from runtime.layers.norm import RMSNorm
 from runtime.layers.rotary import RotaryEmbedding
+from runtime.parallel import SINGLE, TensorParallel
 
 # (our fused projection, the checkpoint's separate one, its shard id)
 _STACKED = (
@@ -29,19 +30,33 @@ _SHARDS: dict[str, set[str | None]] = {
 }
 
 
+def kv_heads_per_rank(cfg: ModelConfig, tp: TensorParallel) -> int:
+    """K/V heads each rank holds (and caches): its share, or one replicated head when there
+    are fewer K/V heads than ranks (ModelConfig.check_tensor_parallel guarantees either
+    divides the other)."""
+    return max(1, cfg.num_key_value_heads // tp.size)
+
+
 class Attention(nn.Module):
+    """Sharded by heads: rank r runs query heads [r * H/N, (r + 1) * H/N) and the K/V heads
+    they read, so attention itself needs no communication; o_proj sums the ranks' parts."""
+
     def __init__(
-        self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend
-    ) -> None:
+        self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
+        tp: TensorParallel,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = (
-            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+            cfg.num_attention_heads // tp.size, kv_heads_per_rank(cfg, tp), cfg.head_dim,
         )  # fmt: skip
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q_size = cfg.num_attention_heads * self.head_dim
+        kv_size = cfg.num_key_value_heads * self.head_dim
+        kv_parts = min(tp.size, cfg.num_key_value_heads)
         self.qkv_proj = MergedLinear(
-            cfg.hidden_size, [q_size, kv_size, kv_size], ["q", "k", "v"], cfg.attention_bias
-        )
-        self.o_proj = Linear(q_size, cfg.hidden_size, bias=False)
+            cfg.hidden_size, [q_size, kv_size, kv_size], ["q", "k", "v"], cfg.attention_bias,
+            tp, [tp.size, kv_parts, kv_parts],
+        )  # fmt: skip
+        self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary, self.backend = rotary, backend
@@ -67,12 +82,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Sharded by intermediate columns: gate_up column-parallel, down_proj row-parallel."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
         size = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [size, size], ["gate", "up"], bias=False)
+        self.gate_up_proj = MergedLinear(
+            cfg.hidden_size, [size, size], ["gate", "up"], bias=False, tp=tp
+        )
         self.act = SiluAndMul()
-        self.down_proj = Linear(size, cfg.hidden_size, bias=False)
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))  # type: ignore[no-any-return]
@@ -80,13 +99,14 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend
-    ) -> None:
+        self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
+        tp: TensorParallel,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rotary, backend)
+        self.self_attn = Attention(cfg, rotary, backend, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(
         self,
@@ -100,22 +120,26 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, tp: TensorParallel) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                  cfg.rope_scaling)  # fmt: skip
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, rotary, backend) for _ in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, rotary, backend, tp) for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+    """At tensor-parallel size N, rank r's shard of the model (see parallel.py)."""
+
+    def __init__(
+        self, cfg: ModelConfig, backend: AttentionBackend, tp: TensorParallel = SINGLE
+    ) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, backend)
+        self.model = LlamaModel(cfg, backend, tp)
         self.lm_head = LMHead(self.model.embed_tokens, cfg.tie_word_embeddings)
 
     def forward(
@@ -131,8 +155,9 @@ class LlamaForCausalLM(nn.Module):
             x = layer(positions, x, cache, meta)
         return self.model.norm(x)  # type: ignore[no-any-return]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [rows, vocab] of the hidden rows the caller picked (those sampling)."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits [rows, vocab] of the hidden rows the caller picked (those sampling);
+        None on tensor-parallel ranks other than 0."""
         return self.lm_head(hidden)  # type: ignore[no-any-return]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -68,6 +68,9 @@ class FakeCore:
                 del self.seqs[seq.seq_id]
         return outputs
 
+    def close(self) -> None:
+        pass  # holds nothing beyond this process
+
     def load_breakdown(self) -> dict[str, float]:
         return {"read_s": 0.0}
 

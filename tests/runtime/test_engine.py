@@ -112,7 +112,7 @@ def test_load_time_is_broken_down() -> None:
         ("gpu_memory_utilization", 1.5, "gpu_memory_utilization: expected a fraction in"),
         ("load_format", "pt", "load_format: expected auto or dummy"),
         ("dtype", "int3", "dtype: expected one of auto, float32"),
-        ("tensor_parallel_size", 2, "tensor_parallel_size: expected 1"),
+        ("tensor_parallel_size", 0, "tensor_parallel_size: expected an integer >= 1"),
     ],
 )
 def test_bad_engine_config_names_the_field(field: str, value: object, expected: str) -> None:

@@ -15,126 +15,21 @@ from matplotlib.figure import Figure
 
 from bench import figures
 from bench.figures import Build
-from bench.records import (
-    REQUESTS_SCHEMA,
-    RUNS_SCHEMA,
-    SCHEMA_VERSION,
-    RequestRecord,
-    RunRecord,
-    to_table,
-)
+from bench.records import REQUESTS_SCHEMA, RUNS_SCHEMA, RequestRecord, RunRecord, to_table
+from tests.synthetic import request_record, run_record
 
 # ---- synthetic builds with the real record types -----------------------------------------
 
-REQUEST = RequestRecord(
-    schema_version=SCHEMA_VERSION,
-    run_id="r",
-    scenario="concurrency",
-    repeat=0,
-    level=0,
-    input_tokens=128,
-    output_tokens_requested=16,
-    concurrency=1,
-    request_rate=None,
-    index=0,
-    request_id="q",
-    ok=True,
-    error=None,
-    error_message=None,
-    http_status=200,
-    prompt_tokens=128,
-    output_tokens=4,
-    output_tokens_source="usage",
-    token_attribution="usage",
-    events=4,
-    scheduled_s=0.0,
-    sent_s=0.0,
-    first_token_s=0.01,
-    end_s=0.05,
-    send_lag_ms=0.0,
-    ttft_ms=10.0,
-    tpot_ms=5.0,
-    e2e_ms=50.0,
-    ttft_from_scheduled_ms=10.0,
-    e2e_from_scheduled_ms=50.0,
-    itl_ms=[5.0, 5.0, 5.0],
-    event_ms=[10.0, 15.0, 20.0, 25.0],
-    event_tokens=[1, 1, 1, 1],
-    server_queue_ms=None,
-    server_prefill_ms=None,
-    server_decode_ms=None,
-    server_e2e_ms=None,
+REQUEST = request_record(
+    scenario="concurrency", input_tokens=128, output_tokens_requested=16, prompt_tokens=128
 )
 FAILED = {"ok": False, "error": "timeout", "ttft_ms": None, "tpot_ms": None, "e2e_ms": None}
 FAILED |= {"ttft_from_scheduled_ms": None, "e2e_from_scheduled_ms": None, "itl_ms": []}
 
 
 def _run_record(**fields: Any) -> RunRecord:
-    zero = {f: 0.0 for f in ("monotonic_origin_s", "duration_s", "request_throughput")}
-    nulls = {f: None for f in RunRecord.__dataclass_fields__ if f.endswith(("_p90", "_mean"))}
-    base: dict[str, Any] = {
-        **zero,
-        **nulls,
-        "schema_version": SCHEMA_VERSION,
-        "run_id": "r",
-        "scenario": "concurrency",
-        "repeat": 0,
-        "level": 0,
-        "input_tokens": 128,
-        "output_tokens": 16,
-        "concurrency": 1,
-        "request_rate": None,
-        "status": "complete",
-        "stopped_early": None,
-        "started_at": "2026-01-01T00:00:00Z",
-        "ended_at": "2026-01-01T00:00:01Z",
-        "num_requests": 10,
-        "sent": 10,
-        "completed": 10,
-        "failed": 0,
-        "success_rate": 1.0,
-        "errors_json": "{}",
-        "total_input_tokens": 1280,
-        "total_output_tokens": 160,
-        "output_throughput": 100.0,
-        "total_token_throughput": 0.0,
-        "goodput": None,
-        "ttft_ms_p50": 10.0,
-        "ttft_ms_p99": 20.0,
-        "tpot_ms_p50": None,
-        "tpot_ms_p99": None,
-        "itl_ms_p50": None,
-        "itl_ms_p99": None,
-        "e2e_ms_p50": None,
-        "e2e_ms_p99": None,
-        "ttft_from_scheduled_ms_p50": None,
-        "ttft_from_scheduled_ms_p99": None,
-        "e2e_from_scheduled_ms_p50": None,
-        "e2e_from_scheduled_ms_p99": None,
-        "send_lag_ms_p50": None,
-        "send_lag_ms_p99": None,
-        "loop_lag_ms_p50": None,
-        "loop_lag_ms_p99": None,
-        "loop_lag_ms_max": None,
-        "client_bound": False,
-        "peak_gpu_memory_mib": [],
-        "peak_gpu_memory_mib_total": None,
-        "peak_rss_mib": 600.0,
-        "load_time_s": None,
-        "load_breakdown_json": None,
-        "target_kind": "bundled",
-        "base_url": "http://x",
-        "model": "tiny",
-        "endpoint": "completions",
-        "workload_hash": "w",
-        "config_hash": "c",
-        "config_yaml": "",
-        "git_commit": None,
-        "git_dirty": None,
-        "hardware_key": "cpu",
-        "environment_json": "{}",
-    }
-    return RunRecord(**(base | fields))
+    shape = {"scenario": "concurrency", "input_tokens": 128, "output_tokens": 16}
+    return run_record(**(shape | fields))
 
 
 def _frames(requests: list[RequestRecord], runs: list[RunRecord]) -> tuple[Any, Any]:

@@ -118,7 +118,7 @@ class AsyncEngine:
         self._requests: set[_Request] = set()  # in flight, loop side
         self._by_seq: dict[int, _Request] = {}  # in the core, engine-thread side
         self._error: EngineDeadError | None = None
-        self._stats = EngineStats(0, 0, 0.0, 0, 0)  # replaced (never mutated) by the thread
+        self._stats = EngineStats(0, 0, 0.0, 0, 0, 0)  # replaced (never mutated) by the thread
 
     def start(self) -> None:
         """Start the engine thread; call from the event loop that will consume the outputs."""

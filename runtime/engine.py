@@ -35,8 +35,10 @@ class LoadBreakdown:
     place_s: float
     quantize_s: float  # float weights to the quantised form (0 without --quantization)
     weight_bytes: int  # the model's parameters as held, quantised ones at their packed size
+    profile_s: float  # the CUDA profiling forward that sized the KV cache (0 on the CPU)
     kv_cache_s: float
     kv_cache_bytes: int
+    num_kv_blocks: int  # every rank's cache holds this many blocks of its K/V heads
     warmup_s: float  # one short request end to end, so the first real one is not the slow one
 
 
@@ -75,7 +77,8 @@ class Engine:
         kv_bytes = self.runner.kv_cache_bytes
         self.load = LoadBreakdown(
             loaded.times.read_s, loaded.times.place_s, loaded.quantize_s,
-            weight_bytes(self.runner.model), loaded.kv_cache_s, kv_bytes, warmup_s,
+            weight_bytes(self.runner.model), loaded.profile_s, loaded.kv_cache_s, kv_bytes,
+            self.runner.num_blocks, warmup_s,
         )  # fmt: skip
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
@@ -135,7 +138,7 @@ class Engine:
     def stats(self) -> EngineStats:
         return EngineStats(
             len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.usage,
-            self.scheduler.num_preemptions, len(self.blocks.blocks),
+            self.scheduler.num_preemptions, len(self.blocks.blocks), self.config.block_size,
         )  # fmt: skip
 
     def load_breakdown(self) -> dict[str, float]:

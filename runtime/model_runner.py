@@ -12,22 +12,26 @@ scheduler and sends them, then all ranks `execute` them (see runtime/worker.py).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from runtime.config import DTYPES, EngineConfig, ModelConfig
+from runtime.config import EngineConfig, ModelConfig
+from runtime.device import DEVICE_ENV, engine_device, model_dtype
+from runtime.kv_sizing import GIB, MemoryProfile, kv_block_bytes, kv_blocks_for
 from runtime.layers.attention import AttentionBackend, AttentionMetadata, TorchAttention
 from runtime.loader import LoadTimes, load_checkpoint, load_dummy
 from runtime.models.llama import LlamaForCausalLM, kv_heads_per_rank
 from runtime.parallel import TensorParallel
 from runtime.quantization import quantize
-from runtime.scheduler import Step
+from runtime.scheduler import Scheduled, Step
+from runtime.sequence import SamplingParams, Sequence
 
-# Where the model runs; CPU only for now (the CUDA path is not built).
-DEVICE = torch.device("cpu")
+log = logging.getLogger(__name__)
+
 # Without a memory budget to size it from (CPU), the cache holds this many longest sequences.
 CPU_CACHE_SEQUENCES = 16
 
@@ -47,6 +51,7 @@ class LoadedRunner:
     runner: ModelRunner
     times: LoadTimes
     quantize_s: float  # float weights to the quantised form (0 without --quantization)
+    profile_s: float  # the CUDA profiling forward that sized the KV cache (0 on the CPU)
     kv_cache_s: float
 
 
@@ -111,15 +116,70 @@ class ModelRunner:
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
 
+def profile_step(cfg: EngineConfig, max_model_len: int) -> tuple[Step, int]:
+    """The largest step the scheduler can make, as a dummy prefill, and the blocks it writes:
+    max_num_batched_tokens tokens (at most max_num_seqs sequences of max_model_len), split
+    into prompts of at most max_model_len (no position past the model's rotary table), each
+    prefilled whole and sampling, over consecutive blocks."""
+    bs = cfg.block_size
+    tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * max_model_len)
+    lengths = [max_model_len] * (tokens // max_model_len)
+    lengths += [tokens % max_model_len] if tokens % max_model_len else []
+    scheduled, first = [], 0
+    for n in lengths:
+        seq = Sequence([0] * n, SamplingParams())
+        seq.block_table = list(range(first, first + -(-n // bs)))
+        first += len(seq.block_table)
+        scheduled.append(Scheduled(seq, n, samples=True))
+    return Step(scheduled, preempted=[]), first
+
+
+def _profile_memory(
+    model: LlamaForCausalLM, backend: AttentionBackend, cfg: EngineConfig, mcfg: ModelConfig,
+    max_model_len: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device,
+) -> MemoryProfile:  # fmt: skip
+    """Measure this CUDA device after loading: run the largest step once over a cache just big
+    enough for it, then read the weights, the activations' peak and the non-torch memory."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    weights = torch.cuda.memory_allocated(device)
+    step, blocks = profile_step(cfg, max_model_len)
+    probe = ModelRunner(
+        model, backend, mcfg.num_hidden_layers, num_kv_heads, mcfg.head_dim, blocks,
+        cfg.block_size, dtype, device,
+    )  # fmt: skip
+    torch.cuda.reset_peak_memory_stats(device)
+    probe.execute(probe.prepare(step))
+    torch.cuda.synchronize(device)
+    # The probe's own cache is KV memory, not activations: it is not counted twice.
+    peak = torch.cuda.max_memory_allocated(device) - weights - probe.kv_cache_bytes
+    del probe
+    torch.cuda.empty_cache()
+    # Measured after the forward, so the CUDA context, cuBLAS and NCCL state it created (and
+    # any other process on this device) are counted; torch's reserved pool is not non-torch.
+    free, total = torch.cuda.mem_get_info(device)
+    non_torch = total - free - torch.cuda.memory_reserved(device)
+    return MemoryProfile(total, weights, max(0, peak), max(0, non_torch))
+
+
 def load_runner(
     cfg: EngineConfig, path: Path, mcfg: ModelConfig, max_model_len: int, tp: TensorParallel
 ) -> LoadedRunner:
-    """This rank's shard of the model, loaded (and quantised, each rank its own shard), with
-    its KV cache. Every rank calls it with the same arguments but `tp`."""
-    dtype = mcfg.dtype if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    """This rank's shard of the model on its device (runtime/device.py), loaded (and
+    quantised, each rank its own shard), with its KV cache. Every rank calls it with the same
+    arguments but `tp`; on CUDA each sizes the cache from its own memory and all take the
+    smallest count, as every rank's cache must have the same blocks."""
+    device = engine_device(tp.rank)
+    if device.type == "cuda" and cfg.quantization == "int4":
+        raise ValueError(
+            "quantization int4 packs weights in aten's CPU layout for a CPU kernel: use int8 "
+            f"on CUDA, or {DEVICE_ENV}=cpu to run on the CPU"
+        )
+    dtype = model_dtype(cfg.dtype, mcfg.dtype, device)
     torch.manual_seed(cfg.seed)
     backend = TorchAttention()
-    model = LlamaForCausalLM(mcfg, backend, tp).to(dtype).eval()
+    with device:  # parameters and buffers are created on the device, not copied there
+        model = LlamaForCausalLM(mcfg, backend, tp).to(dtype).eval()
     if cfg.load_format == "dummy":
         times = load_dummy(model, cfg.seed)
     else:
@@ -129,11 +189,33 @@ def load_runner(
         start = time.perf_counter()
         quantize(model, cfg.quantization)  # after loading: the loaders write float weights
         quantize_s = time.perf_counter() - start
-    bs = cfg.block_size
-    blocks = cfg.num_kv_blocks or -(-max_model_len // bs) * CPU_CACHE_SEQUENCES
+    bs, heads = cfg.block_size, kv_heads_per_rank(mcfg, tp)
+    profile_s = 0.0
+    if cfg.num_kv_blocks is not None:
+        blocks, source = cfg.num_kv_blocks, "num_kv_blocks"
+    elif device.type == "cuda":
+        start = time.perf_counter()
+        memory = _profile_memory(model, backend, cfg, mcfg, max_model_len, heads, dtype, device)
+        block_bytes = kv_block_bytes(
+            backend, mcfg.num_hidden_layers, bs, heads, mcfg.head_dim, dtype
+        )
+        own = kv_blocks_for(memory, cfg.gpu_memory_utilization, block_bytes,
+                            min_blocks=-(-max_model_len // bs))  # fmt: skip
+        blocks = tp.all_min(own, device)
+        profile_s = time.perf_counter() - start
+        source = (
+            f"gpu_memory_utilization={cfg.gpu_memory_utilization} (rank {tp.rank}: "
+            f"{memory.describe()}; {own} blocks fit, the smallest over ranks is used)"
+        )
+    else:
+        blocks = -(-max_model_len // bs) * CPU_CACHE_SEQUENCES
+        source = f"{CPU_CACHE_SEQUENCES} sequences of max_model_len={max_model_len} on the CPU"
     start = time.perf_counter()
     runner = ModelRunner(
-        model, backend, mcfg.num_hidden_layers, kv_heads_per_rank(mcfg, tp), mcfg.head_dim,
-        blocks, bs, dtype, DEVICE,
-    )  # fmt: skip
-    return LoadedRunner(runner, times, quantize_s, time.perf_counter() - start)
+        model, backend, mcfg.num_hidden_layers, heads, mcfg.head_dim, blocks, bs, dtype, device
+    )
+    kv_cache_s = time.perf_counter() - start
+    if tp.rank == 0:
+        log.info("KV cache: %d blocks (%.2f GiB on %s) from %s",
+                 blocks, runner.kv_cache_bytes / GIB, device, source)  # fmt: skip
+    return LoadedRunner(runner, times, quantize_s, profile_s, kv_cache_s)

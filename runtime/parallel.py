@@ -44,6 +44,14 @@ class TensorParallel:
             dist.all_reduce(x)
         return x
 
+    def all_min(self, value: int, device: torch.device) -> int:
+        """The smallest of every rank's `value` (a tensor on `device`, as nccl wants)."""
+        if self.size == 1:
+            return value
+        x = torch.tensor([value], device=device)
+        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+        return int(x.item())
+
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
         """Rank 0: every rank's `x` (all of one shape) concatenated along the last dimension,
         in rank order. Other ranks: None."""
@@ -78,7 +86,7 @@ def free_port() -> int:
 
 def backend(device: torch.device) -> str:
     """The collectives' backend for tensors on `device`: nccl for CUDA where this torch has
-    it (untested: the engine runs its model on CPU today), gloo otherwise."""
+    it, gloo otherwise."""
     return "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
 
 
@@ -95,6 +103,8 @@ def init_group(
     out: N ranks on one box get cores // N threads each, not all of them (N ranks x all cores
     would thrash)."""
     torch.set_num_threads(max(1, cores() // size))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl's collectives run on the current device
     dist.init_process_group(
         backend(device), init_method=init_method, rank=rank, world_size=size,
         timeout=COLLECTIVE_TIMEOUT,

@@ -34,13 +34,18 @@ class Sampler:
     ) -> list[int]:
         """One token per row of `logits` ([rows, vocab])."""
         logits = logits.float()
-        greedy = logits.argmax(dim=-1).tolist()
+        greedy = logits.argmax(dim=-1).tolist()  # on the logits' device: only ids cross
+        # Random rows are drawn on the CPU: its generators are the requests' (a CUDA tensor
+        # cannot draw from them), and a seed gives the same tokens on any device. Only these
+        # rows are copied, at once.
+        drawn = [row for row, p in enumerate(params) if p.temperature != 0.0]
+        host = dict(zip(drawn, logits[drawn].cpu(), strict=True)) if drawn else {}
         tokens = []
         for row, (seq_id, p) in enumerate(zip(seq_ids, params, strict=True)):
             if p.temperature == 0.0:
                 tokens.append(int(greedy[row]))
                 continue
-            probs = _filtered_probs(logits[row] / p.temperature, p.top_k, p.top_p)
+            probs = _filtered_probs(host[row] / p.temperature, p.top_k, p.top_p)
             pick = torch.multinomial(probs, 1, generator=self._generator(seq_id, p))
             tokens.append(int(pick.item()))
         return tokens

@@ -49,6 +49,7 @@ class EngineStats:
     kv_cache_usage: float  # 0..1
     num_preemptions: int  # cumulative
     num_kv_blocks: int
+    block_size: int  # tokens per KV block
 
 
 class Status(enum.Enum):

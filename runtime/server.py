@@ -359,6 +359,13 @@ class _EngineCollector(Collector):
         )
         preemptions.add_metric([self._model_name], stats.num_preemptions)
         yield preemptions
+        # vLLM's name and labels: the KV cache's size, as an info metric (value 1).
+        cache = GaugeMetricFamily(
+            "vllm:cache_config_info", "Information of the KV cache's configuration.",
+            labels=["num_gpu_blocks", "block_size"],
+        )  # fmt: skip
+        cache.add_metric([str(stats.num_kv_blocks), str(stats.block_size)], 1.0)
+        yield cache
 
 
 class _Metrics:

@@ -30,9 +30,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from runtime.config import EngineConfig
+from runtime.device import engine_device
 from runtime.layers.attention import AttentionMetadata
 from runtime.loader import resolve_model
-from runtime.model_runner import DEVICE, ModelRunner, StepInputs, load_runner
+from runtime.model_runner import ModelRunner, StepInputs, load_runner
 from runtime.parallel import TensorParallel, close_group, free_port, init_group, torchrun_rank
 
 log = logging.getLogger(__name__)
@@ -62,15 +63,16 @@ def _send_step(inputs: StepInputs, control: dist.ProcessGroup) -> None:
     dist.broadcast(torch.cat(parts), src=0)
 
 
-def _receive_step(control: dist.ProcessGroup) -> StepInputs | None:
-    """The next step's inputs, or None when rank 0 says shut down."""
+def _receive_step(control: dist.ProcessGroup, device: torch.device) -> StepInputs | None:
+    """The next step's inputs, on `device` (where nccl receives them), or None when rank 0
+    says shut down. The header stays on the CPU: the control group is gloo."""
     header = torch.empty(5, dtype=torch.long)
     dist.broadcast(header, src=0, group=control)
     command, tokens, seqs, width, samples = header.tolist()
     if command == Command.SHUTDOWN:
         return None
     sizes = [tokens, tokens, tokens, seqs + 1, seqs, seqs * width, samples]
-    flat = torch.empty(sum(sizes), dtype=torch.long)
+    flat = torch.empty(sum(sizes), dtype=torch.long, device=device)
     dist.broadcast(flat, src=0)
     ids, positions, slots, starts, context_lens, tables, rows = torch.split(flat, sizes)
     meta = AttentionMetadata(slots, starts, context_lens, tables.view(seqs, width))
@@ -78,13 +80,13 @@ def _receive_step(control: dist.ProcessGroup) -> StepInputs | None:
 
 
 def worker_loop(runner: ModelRunner, control: dist.ProcessGroup) -> None:
-    while (inputs := _receive_step(control)) is not None:
+    while (inputs := _receive_step(control, runner.device)) is not None:
         runner.execute(inputs)
 
 
 def run_worker(cfg: EngineConfig, rank: int, size: int, init_method: str) -> None:
     """A worker rank from start to shutdown: join the group, load its shard, serve steps."""
-    tp, control = init_group(rank, size, init_method, DEVICE)
+    tp, control = init_group(rank, size, init_method, engine_device(rank))
     try:
         path, mcfg, max_model_len = resolve_model(cfg)
         runner = load_runner(cfg, path, mcfg, max_model_len, tp).runner
@@ -115,7 +117,7 @@ class Workers:
         if rank is not None:
             if rank != 0:
                 raise ValueError(f"under torchrun the engine runs on RANK 0, not RANK {rank}")
-            tp, control = init_group(0, size, "env://", DEVICE)
+            tp, control = init_group(0, size, "env://", engine_device(0))
             return cls(tp, control, [], threads)
         init_method = f"tcp://127.0.0.1:{free_port()}"
         context = mp.get_context("spawn")
@@ -131,7 +133,7 @@ class Workers:
         for process in processes:
             process.start()
         try:
-            tp, control = init_group(0, size, init_method, DEVICE)
+            tp, control = init_group(0, size, init_method, engine_device(0))
         except BaseException:
             for process in processes:
                 process.kill()

@@ -81,6 +81,7 @@ class FakeCore:
             self.blocks.usage,
             self.scheduler.num_preemptions,
             len(self.blocks.blocks),
+            self.blocks.block_size,
         )
 
 

@@ -815,6 +815,14 @@ def test_metrics_counters_equal_the_usage_the_responses_reported(
     assert metric(served.url, "vllm:num_preemptions_total") == 0
 
 
+def test_metrics_report_the_kv_cache_size_as_vllms_cache_config_info(
+    serve_fake: ServeFake,
+) -> None:
+    served, _ = serve_fake(num_kv_blocks=48, block_size=4)
+
+    assert metric(served.url, "vllm:cache_config_info", num_gpu_blocks="48", block_size="4") == 1
+
+
 # --- the real tiny engine (slow) -------------------------------------------------------------
 
 

@@ -32,7 +32,18 @@ EXAMPLES = """examples:
 then:
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"prompt": "The server", "max_tokens": 16}'
+environment:
+  RUNTIME_DEVICE=auto|cpu|cuda   where the engine runs (auto: CUDA when available)
 """
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows a flag's default only when it has one worth showing (the help says the rest)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
         epilog=EXAMPLES,
     )
     p.add_argument("model_tag", nargs="?", help="the model, as vLLM's positional form")

@@ -78,9 +78,9 @@ def _model_cards(base_url: str, api_key: str | None) -> list[dict[str, Any]]:
     return cards
 
 
-def resolve_model(base_url: str, model: str | None, api_key: str | None) -> str:
-    """Check the server answers and serves `model` (or pick its first model)."""
-    served: list[str] = [card["id"] for card in _model_cards(base_url, api_key)]
+def _pick_model(base_url: str, cards: list[dict[str, Any]], model: str | None) -> str:
+    """`model` if the server's cards list it (or list nothing), else the first one listed."""
+    served: list[str] = [card["id"] for card in cards]
     if model is None:
         if not served:
             raise TargetError(
@@ -95,10 +95,15 @@ def resolve_model(base_url: str, model: str | None, api_key: str | None) -> str:
     return model
 
 
-def _load_breakdown(base_url: str, model: str) -> dict[str, float] | None:
+def resolve_model(base_url: str, model: str | None, api_key: str | None) -> str:
+    """Check the server answers and serves `model` (or pick its first model)."""
+    return _pick_model(base_url, _model_cards(base_url, api_key), model)
+
+
+def _load_breakdown(cards: list[dict[str, Any]], model: str) -> dict[str, float] | None:
     """The engine's own account of its load time, where its model card carries one (the
     bundled engine's does)."""
-    for card in _model_cards(base_url, None):
+    for card in cards:
         if card["id"] == model and isinstance(card.get("load_breakdown"), dict):
             return {k: float(v) for k, v in card["load_breakdown"].items()}
     return None
@@ -157,8 +162,9 @@ def serve(target: TargetConfig) -> Iterator[Server]:
     try:
         _wait_healthy(proc, base_url, target.startup_timeout_s)
         load_time_s = time.monotonic() - spawned
-        model = resolve_model(base_url, target.model, None)
-        yield Server(base_url, model, load_time_s, proc, _load_breakdown(base_url, model))
+        cards = _model_cards(base_url, None)  # once: the model and its load breakdown
+        model = _pick_model(base_url, cards, target.model)
+        yield Server(base_url, model, load_time_s, proc, _load_breakdown(cards, model))
     finally:
         proc.terminate()
         try:

@@ -45,10 +45,10 @@ def engine_knobs(config_yaml: str) -> str:
     return " ".join(f"{k}={v}" for k, v in knobs)
 
 
-def entry_of(run_dir: Path) -> Entry:
-    runs = pd.read_parquet(run_dir / "runs.parquet")
+def entry_of(runs: pd.DataFrame, where: Path) -> Entry:
+    """What one run (its runs.parquet rows, read from `where`) measured, for a manifest."""
     if runs.empty:
-        raise ValueError(f"{run_dir} holds no finished load level")
+        raise ValueError(f"{where} holds no finished load level")
     first = runs.iloc[0]
     return Entry(
         run_id=str(first["run_id"]),
@@ -70,7 +70,7 @@ def save(run_dir: Path, name: str, root: Path) -> Path:
     same scenario; returns the baseline's directory."""
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"baseline.save: expected a plain name like 'main', got {name!r}")
-    entry = entry_of(run_dir)
+    entry = entry_of(pd.read_parquet(run_dir / "runs.parquet"), run_dir)
     home = root / name
     home.mkdir(parents=True, exist_ok=True)
     manifest = _read(home)

@@ -22,6 +22,7 @@ be made (bad arguments, missing runs, incomparable builds).
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import sys
@@ -105,6 +106,11 @@ class Loaded:
     runs: pd.DataFrame
     requests: pd.DataFrame
 
+    @functools.cached_property
+    def levels(self) -> dict[Level, pd.DataFrame]:
+        """The runs grouped by load level."""
+        return _levels(self.runs)
+
 
 def load_side(label: str, source: str, run_dirs: Sequence[Path]) -> Loaded:
     from bench import store
@@ -114,7 +120,7 @@ def load_side(label: str, source: str, run_dirs: Sequence[Path]) -> Loaded:
     requests = pd.concat([x.requests for x in loaded], ignore_index=True)
     if runs.empty:
         raise CompareError(f"{label} ({source}) has no finished load level")
-    entries = [baselines.entry_of(d) for d in run_dirs]
+    entries = [baselines.entry_of(x.runs, d) for x, d in zip(loaded, run_dirs, strict=True)]
     side = Side(
         label=label,
         source=source,
@@ -198,13 +204,11 @@ def _per_run(requests: pd.DataFrame, column: str) -> list[list[float]]:
     return [list(map(float, g[column])) for _, g in ok.groupby(["run_id", "repeat"])]
 
 
-def _level_requests(requests: pd.DataFrame, level: Level) -> pd.DataFrame:
-    mask = (requests["scenario"] == level.scenario) & (requests["input_tokens"] > 0)
-    if level.concurrency is not None:
-        mask &= requests["concurrency"] == level.concurrency
-    if level.request_rate is not None:
-        mask &= requests["request_rate"] == level.request_rate
-    return requests[mask]
+def _level_requests(requests: pd.DataFrame, level_runs: pd.DataFrame) -> pd.DataFrame:
+    """The requests of a level's runs: joined on (run_id, level), since per-request lengths
+    vary around the level's (range_ratio) and one scenario may sweep lengths at one load."""
+    keys = level_runs[["run_id", "level"]].drop_duplicates()
+    return requests.merge(keys, on=["run_id", "level"])
 
 
 def _memory(level: Level, base: pd.DataFrame, cand: pd.DataFrame) -> list[MemoryRow]:
@@ -248,7 +252,7 @@ def compare(
     warnings = result.warnings
     if result.mismatches:
         warnings.append("compared with allow_mismatch=true: " + "; ".join(result.mismatches))
-    base_levels, cand_levels = _levels(base.runs), _levels(cand.runs)
+    base_levels, cand_levels = base.levels, cand.levels
     for name, levels in (("baseline", base_levels), ("candidate", cand_levels)):
         other = cand_levels if name == "baseline" else base_levels
         for level in sorted(set(levels) - set(other), key=lambda lv: lv.name):
@@ -271,7 +275,8 @@ def compare(
             bv, cv = _values(b, metric.column), _values(c, metric.column)
             pending.append((level, metric, bv, cv, _test(level, metric, bv, cv, warnings)))
         result.memory += _memory(level, b, c)
-        _quantiles(result, level, base.requests, cand.requests)
+        _quantiles(result, level, _level_requests(base.requests, b),
+                   _level_requests(cand.requests, c))  # fmt: skip
     # Load time: one value per server start, not per level.
     bv = _values(base.runs.drop_duplicates("run_id"), LOAD_TIME.column)
     cv = _values(cand.runs.drop_duplicates("run_id"), LOAD_TIME.column)
@@ -320,8 +325,7 @@ def _warn_few_samples(result: Comparison) -> None:
             )
 
 
-def _quantiles(result: Comparison, level: Level, base: pd.DataFrame, cand: pd.DataFrame) -> None:
-    b_req, c_req = _level_requests(base, level), _level_requests(cand, level)
+def _quantiles(result: Comparison, level: Level, b_req: pd.DataFrame, c_req: pd.DataFrame) -> None:
     for column, q in QUANTILES:
         b_runs, c_runs = _per_run(b_req, column), _per_run(c_req, column)
         n = (sum(map(len, b_runs)), sum(map(len, c_runs)))
@@ -346,7 +350,7 @@ def _warn(result: Comparison, base: Loaded, cand: Loaded) -> None:
                 "latencies cover successful requests only (see success_rate)"
             )
     for loaded in (base, cand):
-        for level, frame in _levels(loaded.runs).items():
+        for level, frame in loaded.levels.items():
             peaks = _values(frame, "peak_gpu_memory_mib_total") or _values(frame, "peak_rss_mib")
             if len(peaks) > 1 and (max(peaks) - min(peaks)) / _median(peaks) > MEMORY_SPREAD:
                 result.warnings.append(

@@ -185,3 +185,24 @@ def test_interleaved_ab_runs_both_builds_alternately_and_compares_them(
         len(list((stamp / "baseline").iterdir())) == len(list((stamp / "candidate").iterdir())) == 2
     )
     assert "(interleaved)" in out and "target.server_args.itl-ms=6" in out
+
+
+def test_a_levels_requests_are_its_runs_not_its_load() -> None:
+    """`lengths` sweeps lengths at one concurrency, and range_ratio spreads each request's
+    length around its level's: requests belong to a level through its runs."""
+    from tests.synthetic import request_record, run_record
+
+    runs = pd.DataFrame([
+        vars(run_record(run_id="a", level=level, input_tokens=n, repeat=repeat))
+        for level, n in enumerate((512, 1024)) for repeat in range(2)
+    ])  # fmt: skip
+    requests = pd.DataFrame([
+        vars(request_record(run_id="a", level=level, repeat=repeat, index=i, input_tokens=n + i))
+        for level, n in enumerate((512, 1024)) for repeat in range(2) for i in range(3)
+    ])  # fmt: skip
+    levels = compare._levels(runs)
+    assert len(levels) == 2
+    for level, frame in levels.items():
+        chosen = compare._level_requests(requests, frame)
+        assert len(chosen) == 6
+        assert set(chosen["input_tokens"]) == {level.input_tokens + i for i in range(3)}

@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -48,6 +47,7 @@ from bench.comparison import (
     QuantileRow,
     Row,
     Side,
+    levels_of,
 )
 from bench.figures import Build
 
@@ -109,7 +109,7 @@ class Loaded:
     @functools.cached_property
     def levels(self) -> dict[Level, pd.DataFrame]:
         """The runs grouped by load level."""
-        return _levels(self.runs)
+        return levels_of(self.runs)
 
 
 def load_side(label: str, source: str, run_dirs: Sequence[Path]) -> Loaded:
@@ -160,22 +160,6 @@ def mismatches(base: Loaded, cand: Loaded) -> list[str]:
 
 def _short(hashes: set[str]) -> str:
     return "/".join(sorted(h[:12] for h in hashes))
-
-
-def _levels(runs: pd.DataFrame) -> dict[Level, pd.DataFrame]:
-    keys = ["scenario", "concurrency", "request_rate", "input_tokens", "output_tokens"]
-    out = {}
-    for key, frame in runs.groupby(keys, dropna=False, sort=True):
-        scenario, concurrency, rate, inp, outp = cast(tuple[Any, ...], key)
-        level = Level(
-            str(scenario),
-            None if pd.isna(concurrency) else int(concurrency),
-            None if pd.isna(rate) else float(rate),
-            int(inp),
-            int(outp),
-        )
-        out[level] = frame
-    return out
 
 
 def _values(frame: pd.DataFrame, column: str) -> list[float]:

@@ -7,6 +7,9 @@ Per-request samples only feed the diagnostic quantile CIs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, cast
+
+import pandas as pd
 
 from bench.stats import RatioTest, Verdict
 
@@ -54,6 +57,24 @@ class Level:
         else:
             load = f"{self.request_rate:g} req/s"
         return f"{self.scenario} {self.input_tokens}/{self.output_tokens} {load}"
+
+
+def levels_of(runs: pd.DataFrame) -> dict[Level, pd.DataFrame]:
+    """runs.parquet rows grouped by load level: scenario, lengths and load (open loop has no
+    concurrency, or its in-flight cap)."""
+    keys = ["scenario", "concurrency", "request_rate", "input_tokens", "output_tokens"]
+    out = {}
+    for key, frame in runs.groupby(keys, dropna=False, sort=True):
+        scenario, concurrency, rate, inp, outp = cast(tuple[Any, ...], key)
+        level = Level(
+            str(scenario),
+            None if pd.isna(concurrency) else int(concurrency),
+            None if pd.isna(rate) else float(rate),
+            int(inp),
+            int(outp),
+        )
+        out[level] = frame
+    return out
 
 
 @dataclass(frozen=True)

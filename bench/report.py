@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bench import store
-from bench.comparison import Comparison, Level, Metric, Row, Side
+from bench.comparison import Comparison, Level, Metric, Row, Side, levels_of
 from bench.figures import Build, all_figures
 from bench.stats import MIN_REPEATS, Verdict, min_samples_for_quantile
 
@@ -486,17 +486,6 @@ def _none_if_nan(value: Any) -> Any:
     return None if value is None or bool(pd.isna(value)) else value
 
 
-def _level_of(run: pd.Series[Any]) -> Level:
-    conc, rate = _none_if_nan(run["concurrency"]), _none_if_nan(run["request_rate"])
-    return Level(
-        scenario=str(run["scenario"]),
-        concurrency=None if conc is None else int(conc),
-        request_rate=None if rate is None else float(rate),
-        input_tokens=int(run["input_tokens"]),
-        output_tokens=int(run["output_tokens"]),
-    )
-
-
 def _load_value(level: Level) -> float:
     """The load axis: request rate in open loop, concurrency in closed loop."""
     return level.request_rate if level.request_rate is not None else float(level.concurrency or 0)
@@ -508,10 +497,10 @@ def _group(level: Level) -> tuple[str, int, int, bool]:
 
 
 def summarize_levels(runs: pd.DataFrame) -> list[LevelSummary]:
-    levels = [_level_of(r) for _, r in runs.iterrows()]
+    levels = levels_of(runs)
     out = []
-    for level in sorted(set(levels), key=lambda lv: (*_group(lv), _load_value(lv))):
-        rows = runs[[lv == level for lv in levels]]
+    for level in sorted(levels, key=lambda lv: (*_group(lv), _load_value(lv))):
+        rows = levels[level]
 
         def median(column: str, rows: pd.DataFrame = rows) -> float:
             return float(rows[column].astype(float).median())  # NaN skipped; all NaN gives NaN

@@ -18,8 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench import baseline, compare
+from bench.comparison import levels_of
 from bench.config import compose
 from bench.runner import run
+from tests.synthetic import request_record, run_record
 
 pytestmark = pytest.mark.slow
 
@@ -190,8 +192,6 @@ def test_interleaved_ab_runs_both_builds_alternately_and_compares_them(
 def test_a_levels_requests_are_its_runs_not_its_load() -> None:
     """`lengths` sweeps lengths at one concurrency, and range_ratio spreads each request's
     length around its level's: requests belong to a level through its runs."""
-    from tests.synthetic import request_record, run_record
-
     runs = pd.DataFrame([
         vars(run_record(run_id="a", level=level, input_tokens=n, repeat=repeat))
         for level, n in enumerate((512, 1024)) for repeat in range(2)
@@ -200,7 +200,7 @@ def test_a_levels_requests_are_its_runs_not_its_load() -> None:
         vars(request_record(run_id="a", level=level, repeat=repeat, index=i, input_tokens=n + i))
         for level, n in enumerate((512, 1024)) for repeat in range(2) for i in range(3)
     ])  # fmt: skip
-    levels = compare._levels(runs)
+    levels = levels_of(runs)
     assert len(levels) == 2
     for level, frame in levels.items():
         chosen = compare._level_requests(requests, frame)

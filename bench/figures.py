@@ -44,8 +44,15 @@ METRICS = {
     "ttft_from_scheduled_ms": "TTFT from intended send",
     "e2e_from_scheduled_ms": "E2E from intended send",
 }
-_REQUEST_COLUMNS = ("scenario", "concurrency", "request_rate", "ok", "ttft_ms", "e2e_ms", "itl_ms")
+_REQUEST_COLUMNS = (
+    "run_id", "level", "scenario", "concurrency", "request_rate", "ok", "ttft_ms", "e2e_ms",
+    "itl_ms",
+)  # fmt: skip
 _RUN_COLUMNS = (
+    "run_id",
+    "level",
+    "input_tokens",
+    "output_tokens",
     "scenario",
     "repeat",
     "concurrency",
@@ -90,21 +97,25 @@ class _Load:
     scenario: str
     concurrency: int | None  # closed loop: users; open loop: in-flight cap
     request_rate: float | None  # None = closed loop
+    lengths: tuple[int, int]  # the level's input and output tokens (a sweep over lengths)
 
-    def sort_key(self) -> tuple[str, int, float, float]:
+    def sort_key(self) -> tuple[str, int, float, float, tuple[int, int]]:
         return (
             self.scenario,
             0 if self.request_rate is None else 1,
             self.request_rate or 0.0,
             float(self.concurrency or 0),
+            self.lengths,
         )
 
-    def title(self, with_scenario: bool, sep: str = " · ") -> str:
+    def title(self, with_scenario: bool, with_lengths: bool, sep: str = " · ") -> str:
         if self.request_rate is None:
             load = f"c={self.concurrency}"
         else:
             cap = f" (≤{self.concurrency})" if self.concurrency is not None else ""
             load = f"{self.request_rate:g} req/s{cap}"
+        if with_lengths:
+            load = f"{self.lengths[0]}/{self.lengths[1]} {load}"
         return f"{self.scenario}{sep}{load}" if with_scenario else load
 
 
@@ -112,28 +123,43 @@ def _null(value: Any) -> bool:
     return value is None or bool(pd.isna(value))
 
 
-def _by_load(frame: pd.DataFrame) -> dict[_Load, pd.DataFrame]:
-    """Rows split by load level. Nulls are keys too: open loop has no concurrency."""
-    if frame.empty:
+def _by_load(build: Build) -> dict[_Load, pd.DataFrame]:
+    """A build's requests split by load level. They join their runs on (run_id, level) for the
+    level's lengths: a request's own vary around them (range_ratio), and one scenario may sweep
+    lengths at a single load. Nulls are keys too: open loop has no concurrency."""
+    if build.requests.empty:
         return {}
+    lengths = build.runs[["run_id", "level", "input_tokens", "output_tokens"]]
+    lengths = lengths.drop_duplicates(["run_id", "level"]).rename(
+        columns={"input_tokens": "level_input", "output_tokens": "level_output"}
+    )
+    frame = build.requests.merge(lengths, on=["run_id", "level"], how="left")
     out: dict[_Load, pd.DataFrame] = {}
-    keys = ["scenario", "concurrency", "request_rate"]
+    keys = ["scenario", "concurrency", "request_rate", "level_input", "level_output"]
     for key, rows in frame.groupby(keys, dropna=False, sort=False):
-        scenario, conc, rate = cast(tuple[Any, Any, Any], key)
+        scenario, conc, rate, n_in, n_out = cast(tuple[Any, ...], key)
         load = _Load(
             str(scenario),
             None if _null(conc) else int(conc),
             None if _null(rate) else float(rate),
+            (0 if _null(n_in) else int(n_in), 0 if _null(n_out) else int(n_out)),
         )
         out[load] = rows
     return out
 
 
-def _loads(frames: Iterable[pd.DataFrame]) -> list[_Load]:
+def _loads(builds: Iterable[Build]) -> list[_Load]:
     found: set[_Load] = set()
-    for frame in frames:
-        found.update(_by_load(frame))
+    for build in builds:
+        found.update(_by_load(build))
     return sorted(found, key=_Load.sort_key)
+
+
+def _titles(loads: Sequence[_Load]) -> tuple[bool, bool]:
+    """Whether titles must name the scenario (several) and the lengths (a sweep over them)."""
+    scenarios = {load.scenario for load in loads}
+    lengths = len({(load.scenario, load.lengths) for load in loads}) > len(scenarios)
+    return len(scenarios) > 1, lengths
 
 
 def _x_of(runs: pd.DataFrame) -> pd.Series[float]:
@@ -273,17 +299,17 @@ def _latency_cdf_figure(builds: Sequence[Build], metric: str) -> Figure:
     if metric not in METRICS:
         raise ValueError(f"unknown latency metric {metric!r}; expected one of {list(METRICS)}")
     name = METRICS[metric]
-    loads = _loads(b.requests for b in builds)
+    loads = _loads(builds)
     fig = _figure(3.2)
     if not loads:
         _note(fig.subplots(), "no requests recorded")
         return fig
-    scenarios = len({load.scenario for load in loads}) > 1
+    scenarios, lengths = _titles(loads)
     axes = _grid(fig, len(loads))
     drawn: list[float] = []
     for ax, load in zip(axes, loads, strict=True):
         for i, b in enumerate(builds):
-            rows = _by_load(b.requests).get(load)
+            rows = _by_load(b).get(load)
             values = _values(rows, metric) if rows is not None else np.empty(0)
             if len(values) == 0:
                 continue
@@ -292,7 +318,7 @@ def _latency_cdf_figure(builds: Sequence[Build], metric: str) -> Figure:
             drawn.extend((float(x.min()), float(x.max())))
         if not ax.lines:
             _note(ax, "no successful requests")
-        ax.set_title(load.title(scenarios), fontsize=10)
+        ax.set_title(load.title(scenarios, lengths), fontsize=10)
         ax.grid(alpha=0.3)
         ax.set_ylim(0, 1.02)
     if _spans(drawn):
@@ -373,7 +399,9 @@ def _vs_concurrency_figure(builds: Sequence[Build]) -> Figure:
         if b.runs.empty:
             continue
         dodge = (i - (len(builds) - 1) / 2) * 0.05
-        for scenario, runs in b.runs.groupby("scenario", sort=True):
+        # One series per scenario and lengths: a lengths sweep at one load is never pooled.
+        keys = ["scenario", "input_tokens", "output_tokens"]
+        for (scenario, _, _), runs in b.runs.groupby(keys, sort=True):
             marker = markers[str(scenario)]
             for column, style in (("ttft_ms_p50", "-"), ("ttft_ms_p99", "--")):
                 points = _over_repeats(runs, column)
@@ -497,14 +525,14 @@ def _box_stats(values: Floats, label: str) -> dict[str, Any]:
 
 def _itl_figure(builds: Sequence[Build]) -> Figure:
     _check(builds)
-    loads = _loads(b.requests for b in builds)
-    scenarios = len({load.scenario for load in loads}) > 1
+    loads = _loads(builds)
+    scenarios, lengths = _titles(loads)
     fig = _figure(3.4)
     ax = fig.subplots()
     stats: list[tuple[int, int, dict[str, Any]]] = []  # (load index, build index, stats)
     for j, load in enumerate(loads):
         for i, b in enumerate(builds):
-            rows = _by_load(b.requests).get(load)
+            rows = _by_load(b).get(load)
             values = _itl(rows) if rows is not None else np.empty(0)
             if values.size:
                 stats.append((j, i, _box_stats(values, b.label)))
@@ -535,7 +563,7 @@ def _itl_figure(builds: Sequence[Build]) -> Figure:
             capprops={"color": c, "lw": 1.5},
         )
     # Scenario and load on two lines: side by side they run into the next level's label.
-    ax.set_xticks(np.arange(len(loads)), [load.title(scenarios, "\n") for load in loads])
+    ax.set_xticks(np.arange(len(loads)), [load.title(scenarios, lengths, "\n") for load in loads])
     ax.set_xlim(-0.6, len(loads) - 0.4)
     ax.set_xlabel("load level")
     ax.set_ylabel("ITL (ms)" + (", log scale" if log else ""))

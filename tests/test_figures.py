@@ -228,6 +228,25 @@ def test_cdf_of_a_single_load_level_is_one_panel() -> None:
     assert [ax.get_title() for ax in fig.axes] == ["c=4"]
 
 
+def test_a_sweep_over_lengths_at_one_load_is_never_pooled() -> None:
+    """scenario=lengths: three lengths, all at one user; the levels differ only in lengths."""
+    short, long_ = _build("sweep", loads=[(1, None)]), _build("sweep", loads=[(1, None)], scale=3)
+    long_runs = long_.runs.assign(level=1, input_tokens=1024, output_tokens=512)
+    long_requests = long_.requests.assign(level=1, input_tokens=1030)  # spread: range_ratio
+    build = Build("sweep", pd.concat([short.runs, long_runs]),
+                  pd.concat([short.requests, long_requests]))  # fmt: skip
+    panels = _drawn_axes(figures._latency_cdf_figure([build], "ttft_ms"))
+    assert [ax.get_title() for ax in panels] == ["128/16 c=1", "1024/512 c=1"]
+    # 24 requests each (8 x 3 repeats), plus the step up from 0: no level holds the other's.
+    assert [len(ax.lines[0].get_xdata()) for ax in panels] == [25, 25]
+    ticks = figures._itl_figure([build]).axes[0].get_xticklabels()
+    assert [t.get_text() for t in ticks] == ["128/16 c=1", "1024/512 c=1"]
+    ttft = figures._vs_concurrency_figure([build]).axes[0]
+    medians = sorted(float(line.get_ydata()[0]) for line in ttft.lines if len(line.get_ydata()))
+    p50s = [float(build.runs[build.runs.level == lv].ttft_ms_p50.median()) for lv in (0, 1)]
+    assert set(p50s) <= set(medians)  # each lengths level its own point, not their pooled median
+
+
 def test_vs_concurrency_draws_the_median_over_repeats_with_min_max_bars() -> None:
     ttft, tput = figures._vs_concurrency_figure([BASE]).axes
     runs = BASE.runs

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.layers.attention import AttentionBackend
+from runtime.attention.interface import AttentionBackend
 
 GIB = 1 << 30
 

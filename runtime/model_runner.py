@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from runtime.attention.interface import AttentionBackend, AttentionMetadata
+from runtime.attention.selection import select_backend
 from runtime.config import EngineConfig, ModelConfig
 from runtime.device import DEVICE_ENV, engine_device, model_dtype
 from runtime.kv_sizing import GIB, MemoryProfile, kv_block_bytes, kv_blocks_for
-from runtime.layers.attention import AttentionBackend, AttentionMetadata, TorchAttention
 from runtime.loader import LoadTimes, load_checkpoint, load_dummy
 from runtime.models.llama import LlamaForCausalLM, kv_heads_per_rank
 from runtime.parallel import TensorParallel
@@ -177,7 +178,7 @@ def load_runner(
         )
     dtype = model_dtype(cfg.dtype, mcfg.dtype, device)
     torch.manual_seed(cfg.seed)
-    backend = TorchAttention()
+    backend = select_backend(device, dtype)
     with device:  # parameters and buffers are created on the device, not copied there
         model = LlamaForCausalLM(mcfg, backend, tp).to(dtype).eval()
     if cfg.load_format == "dummy":

@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from runtime.attention.interface import AttentionMetadata
 from runtime.config import EngineConfig
 from runtime.device import engine_device
-from runtime.layers.attention import AttentionMetadata
 from runtime.loader import resolve_model
 from runtime.model_runner import ModelRunner, StepInputs, load_runner
 from runtime.parallel import TensorParallel, close_group, free_port, init_group, torchrun_rank

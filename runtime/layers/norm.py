@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from runtime.layers.weight_loader import set_weight_loader
@@ -16,6 +17,5 @@ class RMSNorm(nn.Module):
         set_weight_loader(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return (self.weight * h.to(x.dtype)).to(x.dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +32,22 @@ def _inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None) ->
     raise ValueError(f"rope scaling {kind!r} is not supported; supported: linear, llama3")
 
 
+@dataclass(frozen=True)
+class Rope:
+    """The rotation of one step's positions, looked up once and applied in every layer."""
+
+    cos: torch.Tensor  # [tokens, 1, head_dim]
+    sin: torch.Tensor  # [tokens, 1, head_dim], first half negated (see RotaryEmbedding)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x [tokens, heads, head_dim] rotated by its tokens' positions, in x's dtype."""
+        h = x.float()
+        half = h.shape[-1] // 2
+        # rotate_half(h) * sin == roll(h, half) * (sin with its first half negated): one roll
+        # instead of a chunk, a negation and a cat.
+        return torch.addcmul(h * self.cos, h.roll(half, dims=-1), self.sin).to(x.dtype)
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(
         self, head_dim: int, max_positions: int, theta: float, scaling: Mapping[str, Any] | None
@@ -39,20 +56,11 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64),
                             _inv_freq(head_dim, theta, scaling))  # fmt: skip
         emb = torch.cat([freqs, freqs], dim=-1)
+        sign = torch.cat([-torch.ones_like(freqs), torch.ones_like(freqs)], dim=-1)
         self.cos: torch.Tensor
         self.sin: torch.Tensor
         self.register_buffer("cos", emb.cos().float(), persistent=False)
-        self.register_buffer("sin", emb.sin().float(), persistent=False)
+        self.register_buffer("sin", (emb.sin() * sign).float(), persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [tokens, heads, dim], k [tokens, kv_heads, dim], rotated by their positions."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-
-        def rotate(x: torch.Tensor) -> torch.Tensor:
-            x1, x2 = x.float().chunk(2, dim=-1)
-            return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
-
-        return rotate(q), rotate(k)
+    def forward(self, positions: torch.Tensor) -> Rope:
+        return Rope(self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))

@@ -7,13 +7,13 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from runtime.attention.interface import AttentionBackend, AttentionMetadata
 from runtime.config import ModelConfig
 from runtime.layers.activation import SiluAndMul
-from runtime.layers.attention import AttentionBackend, AttentionMetadata
 from runtime.layers.embedding import LMHead, VocabEmbedding
 from runtime.layers.linear import MergedLinear, RowParallelLinear
 from runtime.layers.norm import RMSNorm
-from runtime.layers.rotary import RotaryEmbedding
+from runtime.layers.rotary import Rope, RotaryEmbedding
 from runtime.parallel import SINGLE, TensorParallel
 
 # (our fused projection, the checkpoint's separate one, its shard id)
@@ -41,10 +41,7 @@ class Attention(nn.Module):
     """Sharded by heads: rank r runs query heads [r * H/N, (r + 1) * H/N) and the K/V heads
     they read, so attention itself needs no communication; o_proj sums the ranks' parts."""
 
-    def __init__(
-        self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
-        tp: TensorParallel,
-    ) -> None:  # fmt: skip
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, tp: TensorParallel) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = (
             cfg.num_attention_heads // tp.size, kv_heads_per_rank(cfg, tp), cfg.head_dim,
@@ -59,15 +56,11 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.rotary, self.backend = rotary, backend
+        self.backend = backend
         self.scale = self.head_dim**-0.5
 
     def forward(
-        self,
-        positions: torch.Tensor,
-        x: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        self, rope: Rope, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         tokens = x.shape[0]
@@ -76,7 +69,7 @@ class Attention(nn.Module):
         v = v.view(tokens, self.kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = rope.apply(q), rope.apply(k)
         out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(tokens, self.heads * self.head_dim))  # type: ignore[no-any-return]
 
@@ -98,24 +91,17 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(
-        self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
-        tp: TensorParallel,
-    ) -> None:  # fmt: skip
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, tp: TensorParallel) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rotary, backend, tp)
+        self.self_attn = Attention(cfg, backend, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp)
 
     def forward(
-        self,
-        positions: torch.Tensor,
-        x: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        self, rope: Rope, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
+        x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))  # type: ignore[no-any-return]
 
 
@@ -123,10 +109,10 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, tp: TensorParallel) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
-                                 cfg.rope_scaling)  # fmt: skip
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings,
+                                      cfg.rope_theta, cfg.rope_scaling)  # fmt: skip
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, rotary, backend, tp) for _ in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, backend, tp) for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -149,10 +135,11 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """Hidden states [tokens, hidden] of a flattened step (see layers/attention.py)."""
+        """Hidden states [tokens, hidden] of a flattened step (see attention/interface.py)."""
         x = self.model.embed_tokens(input_ids)
+        rope = self.model.rotary(positions)  # once per step, shared by every layer
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(positions, x, cache, meta)
+            x = layer(rope, x, cache, meta)
         return self.model.norm(x)  # type: ignore[no-any-return]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.layers.attention import AttentionMetadata, TorchAttention
+from runtime.attention.interface import AttentionMetadata
+from runtime.attention.reference import TorchAttention
 from runtime.models.llama import LlamaForCausalLM
 
 

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
+from runtime.attention.reference import TorchAttention
 from runtime.config import EngineConfig
 from runtime.device import DEVICE_ENV, engine_device, model_dtype
 from runtime.engine import Engine
 from runtime.kv_sizing import GIB, MemoryProfile, kv_block_bytes, kv_blocks_for
-from runtime.layers.attention import TorchAttention
 from runtime.model_runner import CPU_CACHE_SEQUENCES, ModelRunner, profile_step
 
 MIB = 1 << 20

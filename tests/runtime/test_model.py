@@ -10,8 +10,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from runtime.attention.reference import TorchAttention
 from runtime.config import ModelConfig, named_architecture
-from runtime.layers.attention import TorchAttention
 from runtime.loader import load_checkpoint, load_dummy
 from runtime.models.llama import LlamaForCausalLM
 from tests.runtime.paged import prefill

@@ -1,5 +1,5 @@
 """The paged KV cache: how a sequence's tokens are split into steps, batched with others, or
-scattered over blocks must not change its logits."""
+scattered over blocks must not change its logits, with either CPU backend."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import random
 import pytest
 import torch
 
+from runtime.attention.cpu_kernel import CpuKernelAttention
+from runtime.attention.reference import TorchAttention
 from runtime.config import ModelConfig
-from runtime.layers.attention import TorchAttention
 from runtime.loader import load_dummy
 from runtime.models.llama import LlamaForCausalLM
 from tests.runtime.paged import Chunk, new_caches, prefill, run_step
@@ -19,14 +20,14 @@ TOLERANCE = 1e-5  # max abs logit difference, float32; the paths differ only in 
 PROMPT = [(i * 53 + 7) % 320 for i in range(23)]  # 23: not a multiple of BLOCK
 
 
-@pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
+@pytest.fixture(scope="module", params=[TorchAttention, CpuKernelAttention])
+def model(request: pytest.FixtureRequest) -> LlamaForCausalLM:
     cfg = ModelConfig.from_hf({
         "architectures": ["LlamaForCausalLM"], "vocab_size": 320, "hidden_size": 64,
         "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 256,
     })  # fmt: skip
-    model = LlamaForCausalLM(cfg, TorchAttention()).eval()
+    model = LlamaForCausalLM(cfg, request.param()).eval()
     load_dummy(model, seed=0)
     with torch.no_grad():
         # Dummy weights (std 0.02) attend almost uniformly, which hides a key seen too many or

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from runtime.attention.reference import TorchAttention
 from runtime.config import EngineConfig, ModelConfig
 from runtime.engine import Engine
-from runtime.layers.attention import TorchAttention
 from runtime.loader import load_checkpoint, load_dummy
 from runtime.models.llama import LlamaForCausalLM
 from runtime.parallel import TensorParallel

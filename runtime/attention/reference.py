@@ -1,52 +1,25 @@
-"""Attention over the paged KV cache, behind one backend interface.
+"""The reference backend: plain PyTorch over a head-major paged cache, on any device.
 
-The backend chooses the cache layout (`kv_cache_shape`); the reference backend's is head-major,
-[2 (k, v), num_blocks, num_kv_heads, block_size, head_dim], so that a block's keys for one head
-are one contiguous matrix and decode attention can multiply gathered blocks in place. A step's
-tokens are flattened across sequences; `AttentionMetadata` says where each new token's
-K/V goes (`slot_mapping` = block_id * block_size + offset) and which blocks hold each sequence's
-context. One call handles prefill (whole or chunked, after a cached prefix), decode, and a mix.
+Its layout is [2 (k, v), num_blocks, num_kv_heads, block_size, head_dim], so that a block's
+keys for one head are one contiguous matrix and decode attention can multiply gathered blocks
+in place. The CPU kernel backend (cpu_kernel.py) shares the layout and everything but decode.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [tokens]: cache slot of each new token
-    query_start_loc: torch.Tensor  # [seqs + 1]: where each sequence's new tokens start
-    context_lens: torch.Tensor  # [seqs]: tokens in each sequence's cache after this step
-    block_tables: torch.Tensor  # [seqs, max blocks], padded with -1
-
-
-class AttentionBackend(Protocol):
-    def kv_cache_shape(
-        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
-    ) -> tuple[int, ...]:
-        """The shape of one layer's cache, in this backend's layout."""
-        ...
-
-    def forward(
-        self,
-        q: torch.Tensor,  # [tokens, heads, head_dim]
-        k: torch.Tensor,  # [tokens, kv_heads, head_dim]
-        v: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor: ...  # [tokens, heads, head_dim]
+from runtime.attention.interface import AttentionMetadata
 
 
 @dataclass(frozen=True)
-class _DecodeGroup:
+class DecodeGroup:
     rows: torch.Tensor  # flat rows of these decoders (one new token each)
     blocks: torch.Tensor  # [decoders, their most blocks], padding pointed at block 0
+    context_lens: torch.Tensor  # [decoders]
     mask: torch.Tensor  # [decoders, 1, 1, context]: keys within each context
 
 
@@ -54,7 +27,7 @@ class _DecodeGroup:
 class _Plan:
     """How a step's sequences are grouped, computed once and shared by every layer."""
 
-    decode: _DecodeGroup | None  # None when no sequence decodes this step
+    decode: DecodeGroup | None  # None when no sequence decodes this step
     prefills: list[tuple[int, int, int, torch.Tensor]]  # (first row, end row, context, blocks)
 
 
@@ -66,6 +39,8 @@ class TorchAttention:
     measured within noise on mixed lengths); prefill chunks, few per step, go one by one
     (padding them to a common width would multiply every decoder's work by the chunk length).
     """
+
+    name = "torch"
 
     def __init__(self) -> None:
         self._plan: tuple[AttentionMetadata, _Plan] | None = None
@@ -97,9 +72,10 @@ class TorchAttention:
             width = max(-(-lengths[i] // block_size) for i in decoders)
             tables = meta.block_tables[index, :width]
             keys = torch.arange(width * block_size, device=device)
-            mask = keys[None, :] < meta.context_lens[index][:, None]
-            group = _DecodeGroup(meta.query_start_loc[index], tables.clamp(min=0),
-                                 mask[:, None, None, :])  # fmt: skip
+            lens = meta.context_lens[index]
+            mask = keys[None, :] < lens[:, None]
+            group = DecodeGroup(meta.query_start_loc[index], tables.clamp(min=0), lens,
+                                mask[:, None, None, :])  # fmt: skip
         plan = _Plan(group, prefills)
         self._plan = (meta, plan)
         return plan
@@ -113,10 +89,23 @@ class TorchAttention:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        _, _, kv_heads, block_size, head_dim = kv_cache.shape
-        blocks, offsets = meta.slot_mapping // block_size, meta.slot_mapping % block_size
+        self._write(k, v, kv_cache, meta.slot_mapping)
+        return self._attend(q, kv_cache, meta, scale)
+
+    def _write(
+        self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """The step's new keys and values into their slots (every slot a real one, >= 0)."""
+        block_size = kv_cache.shape[3]
+        blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
         kv_cache[0, blocks, :, offsets] = k.to(kv_cache.dtype)
         kv_cache[1, blocks, :, offsets] = v.to(kv_cache.dtype)
+
+    def _attend(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """Attention of every new token over its sequence's cache, new tokens included."""
+        _, _, kv_heads, block_size, head_dim = kv_cache.shape
         plan = self._plan_for(meta, block_size)
         out = torch.empty_like(q)
         if plan.decode is not None:
@@ -141,9 +130,8 @@ class TorchAttention:
             out[lo:hi] = o.transpose(0, 1)
         return out
 
-    @staticmethod
     def _decode(
-        q: torch.Tensor, kv_cache: torch.Tensor, group: _DecodeGroup, scale: float
+        self, q: torch.Tensor, kv_cache: torch.Tensor, group: DecodeGroup, scale: float
     ) -> torch.Tensor:
         """One query row per sequence against its gathered blocks, block by block: the
         head-major blocks are multiplied where the gather put them (no transposed copy of the

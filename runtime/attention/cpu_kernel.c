@@ -1,0 +1,101 @@
+/* The CPU backend's kernels (cpu_kernel.py), float32, over the paged KV cache laid out as
+ * the reference backend's: [2 (k, v)][num_blocks][kv_heads][block_size][head_dim].
+ *
+ * paged_store_f32 writes a step's new keys and values into their slots.
+ *
+ * paged_decode_f32 is decode attention read straight from the cache: one query row per
+ * sequence (its newest token) against every key of its context, found through its block
+ * table. Nothing is gathered, copied or padded, so a short context costs only its own keys
+ * however long its neighbours' are. Work items are (sequence, K/V head) pairs shared over
+ * OpenMP threads (libgomp is torch's own: the process has one runtime). The query heads of
+ * one K/V head (GQA's group) are done together, so each key and value row is loaded once.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* One slot per token; a negative slot (a padding row) is skipped. */
+void paged_store_f32(const float *restrict k, const float *restrict v, /* [tokens][kv_heads][hd] */
+                     const int64_t *restrict slots, int64_t tokens, float *restrict cache,
+                     int64_t num_blocks, int64_t kv_heads, int64_t block_size, int64_t head_dim)
+{
+    const int64_t head_block = block_size * head_dim;
+    float *values = cache + num_blocks * kv_heads * head_block;
+    const size_t row = sizeof(float) * head_dim;
+    for (int64_t t = 0; t < tokens; t++) {
+        if (slots[t] < 0) continue;
+        const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const int64_t at = (block * kv_heads + h) * head_block + offset * head_dim;
+            memcpy(cache + at, k + (t * kv_heads + h) * head_dim, row);
+            memcpy(values + at, v + (t * kv_heads + h) * head_dim, row);
+        }
+    }
+}
+
+int paged_decode_f32(const float *restrict q,        /* [decoders][heads][head_dim] */
+                     const float *restrict cache, int64_t num_blocks, int64_t kv_heads,
+                     int64_t block_size, int64_t head_dim,
+                     const int64_t *restrict tables, /* [decoders][width]: -1 past a context */
+                     int64_t width,
+                     const int64_t *restrict context_lens, /* [decoders] */
+                     int64_t decoders, int64_t heads, float scale, int num_threads,
+                     float *restrict out)            /* [decoders][heads][head_dim] */
+{
+    const int64_t group = heads / kv_heads;
+    const int64_t head_block = block_size * head_dim; /* one block of one head */
+    const float *values = cache + num_blocks * kv_heads * head_block;
+    int failed = 0;
+#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(num_threads)
+    for (int64_t i = 0; i < decoders; i++) {
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const int64_t context = context_lens[i];
+            const int64_t *table = tables + i * width;
+            const float *qh = q + (i * heads + h * group) * head_dim;
+            float *oh = out + (i * heads + h * group) * head_dim;
+            float *scores = malloc(sizeof(float) * group * context); /* [group][context] */
+            if (scores == NULL) {
+#pragma omp atomic write
+                failed = 1;
+                continue;
+            }
+            for (int64_t t0 = 0; t0 < context; t0 += block_size) {
+                const float *k = cache + (table[t0 / block_size] * kv_heads + h) * head_block;
+                const int64_t n = context - t0 < block_size ? context - t0 : block_size;
+                for (int64_t s = 0; s < n; s++, k += head_dim) {
+                    for (int64_t g = 0; g < group; g++) {
+                        const float *qg = qh + g * head_dim;
+                        float dot = 0.f;
+                        for (int64_t d = 0; d < head_dim; d++) dot += qg[d] * k[d];
+                        scores[g * context + t0 + s] = dot * scale;
+                    }
+                }
+            }
+            for (int64_t g = 0; g < group; g++) {
+                float *sg = scores + g * context, top = -FLT_MAX, sum = 0.f;
+                for (int64_t t = 0; t < context; t++) top = sg[t] > top ? sg[t] : top;
+                for (int64_t t = 0; t < context; t++) {
+                    sg[t] = expf(sg[t] - top);
+                    sum += sg[t];
+                }
+                for (int64_t t = 0; t < context; t++) sg[t] /= sum;
+                for (int64_t d = 0; d < head_dim; d++) oh[g * head_dim + d] = 0.f;
+            }
+            for (int64_t t0 = 0; t0 < context; t0 += block_size) {
+                const float *v = values + (table[t0 / block_size] * kv_heads + h) * head_block;
+                const int64_t n = context - t0 < block_size ? context - t0 : block_size;
+                for (int64_t s = 0; s < n; s++, v += head_dim) {
+                    for (int64_t g = 0; g < group; g++) {
+                        float *og = oh + g * head_dim;
+                        const float w = scores[g * context + t0 + s];
+                        for (int64_t d = 0; d < head_dim; d++) og[d] += w * v[d];
+                    }
+                }
+            }
+            free(scores);
+        }
+    }
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,166 @@
+"""Every attention backend computes what the reference does, and the engine picks one as
+documented in runtime/attention/selection.py."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.attention import cpu_kernel
+from runtime.attention.cpu_kernel import CpuKernelAttention
+from runtime.attention.interface import AttentionMetadata
+from runtime.attention.reference import TorchAttention
+from runtime.attention.selection import BACKEND_ENV, select_backend
+
+CPU = torch.device("cpu")
+
+
+def decode_step(
+    contexts: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """One decode token per sequence over a random, shuffled cache: (q, k, v, cache, meta)."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    need = [-(-c // block_size) for c in contexts]
+    free = list(range(sum(need) + 3))  # a few blocks nobody owns
+    rng.shuffle(free)
+    tables = [[free.pop() for _ in range(n)] for n in need]
+    width = max(need)
+    shape = TorchAttention().kv_cache_shape(len(free) + sum(need), block_size, kv_heads, head_dim)
+    cache = torch.randn(shape, generator=gen)
+    slots = [t[(c - 1) // block_size] * block_size + (c - 1) % block_size
+             for t, c in zip(tables, contexts, strict=True)]  # fmt: skip
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots),
+        query_start_loc=torch.arange(len(contexts) + 1),
+        context_lens=torch.tensor(contexts),
+        block_tables=torch.tensor([t + [-1] * (width - len(t)) for t in tables]),
+    )
+    q = torch.randn(len(contexts), heads, head_dim, generator=gen)
+    k = torch.randn(len(contexts), kv_heads, head_dim, generator=gen)
+    v = torch.randn(len(contexts), kv_heads, head_dim, generator=gen)
+    return q, k, v, cache, meta
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "block_size"),
+    [(8, 8, 32, 16), (8, 4, 32, 16), (8, 1, 24, 4), (4, 2, 64, 1), (6, 2, 16, 32)],
+)
+def test_cpu_kernel_decode_equals_the_reference(
+    heads: int, kv_heads: int, head_dim: int, block_size: int
+) -> None:
+    # Contexts of one token, exact multiples of the block and one far longer than the rest.
+    contexts = [1, block_size, 2 * block_size + 1, 7, 300, 33]
+    q, k, v, cache, meta = decode_step(contexts, heads, kv_heads, head_dim, block_size)
+    want = TorchAttention().forward(q, k, v, cache.clone(), meta, head_dim**-0.5)
+    got = CpuKernelAttention().forward(q, k, v, cache.clone(), meta, head_dim**-0.5)
+    assert (got - want).abs().max().item() < 1e-5
+
+
+def test_cpu_kernel_ignores_what_lies_past_a_context() -> None:
+    q, k, v, cache, meta = decode_step([5, 40], 4, 2, 16, 16)
+    before = CpuKernelAttention().forward(q, k, v, cache.clone(), meta, 0.25)
+    # Poison every slot no context reaches: slots 5.. of the first sequence's block, and the
+    # unowned blocks. A kernel reading past a context's end changes its output.
+    poisoned = cache.clone()
+    owned = set(meta.block_tables.flatten().tolist())
+    for block in range(cache.shape[1]):
+        if block not in owned:
+            poisoned[:, block] = 1e4
+    first = int(meta.block_tables[0, 0])
+    poisoned[:, first, :, 5:] = 1e4
+    after = CpuKernelAttention().forward(q, k, v, poisoned, meta, 0.25)
+    assert torch.equal(before, after)
+
+
+@pytest.fixture
+def no_backend_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    return monkeypatch
+
+
+def test_float32_on_the_cpu_selects_the_kernel(no_backend_env: pytest.MonkeyPatch) -> None:
+    assert isinstance(select_backend(CPU, torch.float32), CpuKernelAttention)
+
+
+def test_other_cpu_dtypes_select_the_reference(no_backend_env: pytest.MonkeyPatch) -> None:
+    backend = select_backend(CPU, torch.bfloat16)
+    assert type(backend) is TorchAttention
+
+
+def test_the_environment_can_force_the_reference(no_backend_env: pytest.MonkeyPatch) -> None:
+    no_backend_env.setenv(BACKEND_ENV, "torch")
+    assert type(select_backend(CPU, torch.float32)) is TorchAttention
+
+
+def test_a_bad_backend_name_lists_the_choices(no_backend_env: pytest.MonkeyPatch) -> None:
+    no_backend_env.setenv(BACKEND_ENV, "fast")
+    with pytest.raises(ValueError, match=r"RUNTIME_ATTENTION_BACKEND: expected one of auto"):
+        select_backend(CPU, torch.float32)
+
+
+def test_forcing_the_kernel_for_bfloat16_is_refused(no_backend_env: pytest.MonkeyPatch) -> None:
+    no_backend_env.setenv(BACKEND_ENV, "cpu-kernel")
+    with pytest.raises(ValueError, match="needs float32"):
+        select_backend(CPU, torch.bfloat16)
+
+
+def test_without_a_compiler_the_reference_runs_and_the_log_says_why(
+    no_backend_env: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    no_backend_env.setenv("CC", str(tmp_path / "no-such-cc"))
+    no_backend_env.setenv(cpu_kernel.CACHE_ENV, str(tmp_path / "kernels"))
+    cpu_kernel.load_kernel.cache_clear()
+    try:
+        with caplog.at_level("INFO", logger="runtime.attention.selection"):
+            backend = select_backend(CPU, torch.float32)
+    finally:
+        cpu_kernel.load_kernel.cache_clear()  # later tests build with the real compiler
+    assert type(backend) is TorchAttention
+    assert "no C compiler on PATH" in caplog.text
+
+
+def test_a_failed_build_is_reported_with_the_compiler_output(
+    no_backend_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: out of luck' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    no_backend_env.setenv("CC", str(broken))
+    no_backend_env.setenv(cpu_kernel.CACHE_ENV, str(tmp_path / "kernels"))
+    cpu_kernel.load_kernel.cache_clear()
+    try:
+        with pytest.raises(cpu_kernel.KernelUnavailableError, match="out of luck"):
+            cpu_kernel.load_kernel()
+    finally:
+        cpu_kernel.load_kernel.cache_clear()
+    assert list((tmp_path / "kernels").iterdir()) == []  # no half-built library left behind
+
+
+def test_cpu_kernel_writes_the_reference_slots_and_skips_negative_ones() -> None:
+    _, k, v, cache, meta = decode_step([3, 17, 9], 4, 2, 16, 4)
+    want, got = cache.clone(), cache.clone()
+    TorchAttention()._write(k, v, want, meta.slot_mapping)
+    CpuKernelAttention()._write(k, v, got, meta.slot_mapping)
+    assert torch.equal(got, want)
+    padded = meta.slot_mapping.clone()
+    padded[1] = -1  # a padding row (CUDA graphs pad batches so): it writes nowhere
+    skipped = cache.clone()
+    CpuKernelAttention()._write(k, v, skipped, padded)
+    keep = torch.ones(len(padded), dtype=torch.bool)
+    keep[1] = False
+    expected = cache.clone()
+    TorchAttention()._write(k[keep], v[keep], expected, meta.slot_mapping[keep])
+    assert torch.equal(skipped, expected)
+
+
+def test_loading_the_cpu_kernel_leaves_subnormal_floats_alone() -> None:
+    # A library built with -ffast-math turns on flush-to-zero for the whole process at load.
+    cpu_kernel.load_kernel()
+    smallest = sys.float_info.min
+    assert smallest / 2 > 0.0
+    assert torch.tensor(smallest, dtype=torch.float64).div(2).item() > 0.0

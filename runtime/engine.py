@@ -39,6 +39,7 @@ class LoadBreakdown:
     kv_cache_s: float
     kv_cache_bytes: int
     num_kv_blocks: int  # every rank's cache holds this many blocks of its K/V heads
+    graph_capture_s: float  # CUDA graphs for decode (0 on the CPU or with enforce_eager)
     warmup_s: float  # one short request end to end, so the first real one is not the slow one
 
 
@@ -78,7 +79,7 @@ class Engine:
         self.load = LoadBreakdown(
             loaded.times.read_s, loaded.times.place_s, loaded.quantize_s,
             weight_bytes(self.runner.model), loaded.profile_s, loaded.kv_cache_s, kv_bytes,
-            self.runner.num_blocks, warmup_s,
+            self.runner.num_blocks, loaded.graph_capture_s, warmup_s,
         )  # fmt: skip
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:

@@ -22,6 +22,7 @@ import torch
 from runtime.attention.interface import AttentionBackend, AttentionMetadata
 from runtime.attention.selection import select_backend
 from runtime.config import EngineConfig, ModelConfig
+from runtime.cuda_graphs import DecodeGraphs
 from runtime.device import DEVICE_ENV, engine_device, model_dtype
 from runtime.kv_sizing import GIB, MemoryProfile, kv_block_bytes, kv_blocks_for
 from runtime.loader import LoadTimes, load_checkpoint, load_dummy
@@ -54,6 +55,7 @@ class LoadedRunner:
     quantize_s: float  # float weights to the quantised form (0 without --quantization)
     profile_s: float  # the CUDA profiling forward that sized the KV cache (0 on the CPU)
     kv_cache_s: float
+    graph_capture_s: float  # CUDA graphs for decode (0 on the CPU or with enforce_eager)
 
 
 class ModelRunner:
@@ -73,6 +75,16 @@ class ModelRunner:
         self.num_blocks = num_blocks
         shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.graphs: DecodeGraphs | None = None  # set by capture_graphs
+
+    def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> float:
+        """Capture decode steps' CUDA graphs (runtime/cuda_graphs.py); seconds it took."""
+        max_blocks = -(-max_model_len // self.block_size)
+        with torch.inference_mode():
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_caches, max_num_seqs, max_blocks, self.device
+            )
+        return self.graphs.capture_s
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -113,7 +125,11 @@ class ModelRunner:
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:
         """Logits [number of sampling sequences, vocab], in the step's order; None on
         tensor-parallel ranks other than 0."""
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        hidden = None
+        if self.graphs is not None:  # a decode step that fits a bucket replays its graph
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        if hidden is None:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
 
@@ -178,7 +194,7 @@ def load_runner(
         )
     dtype = model_dtype(cfg.dtype, mcfg.dtype, device)
     torch.manual_seed(cfg.seed)
-    backend = select_backend(device, dtype)
+    backend = select_backend(device, dtype, cfg.block_size)
     with device:  # parameters and buffers are created on the device, not copied there
         model = LlamaForCausalLM(mcfg, backend, tp).to(dtype).eval()
     if cfg.load_format == "dummy":
@@ -219,4 +235,16 @@ def load_runner(
     if tp.rank == 0:
         log.info("KV cache: %d blocks (%.2f GiB on %s) from %s",
                  blocks, runner.kv_cache_bytes / GIB, device, source)  # fmt: skip
-    return LoadedRunner(runner, times, quantize_s, profile_s, kv_cache_s)
+    graph_capture_s = 0.0
+    if device.type == "cuda" and not cfg.enforce_eager and backend.supports_cuda_graphs:
+        graph_capture_s = runner.capture_graphs(cfg.max_num_seqs, max_model_len)
+        if tp.rank == 0:
+            assert runner.graphs is not None
+            log.info("CUDA graphs for decode batches %s in %.1f s",
+                     runner.graphs.sizes, graph_capture_s)  # fmt: skip
+    elif device.type == "cuda" and tp.rank == 0:
+        why = (
+            "enforce_eager" if cfg.enforce_eager else f"{backend.name} attention cannot be captured"
+        )
+        log.info("decode runs eagerly (%s)", why)
+    return LoadedRunner(runner, times, quantize_s, profile_s, kv_cache_s, graph_capture_s)

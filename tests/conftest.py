@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -11,8 +12,15 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import torch
 
 T = TypeVar("T")
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors, so the GPU
+# attention backend's logic is tested here too. Set before any kernel is defined: @triton.jit
+# reads it then.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,10 @@ int paged_decode_f32(const float *restrict q,        /* [decoders][heads][head_d
             const int64_t *table = tables + i * width;
             const float *qh = q + (i * heads + h * group) * head_dim;
             float *oh = out + (i * heads + h * group) * head_dim;
+            if (context == 0) { /* a padding row: nothing to attend to */
+                for (int64_t d = 0; d < group * head_dim; d++) oh[d] = 0.f;
+                continue;
+            }
             float *scores = malloc(sizeof(float) * group * context); /* [group][context] */
             if (scores == NULL) {
 #pragma omp atomic write

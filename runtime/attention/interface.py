@@ -23,7 +23,11 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
-    name: str  # as logged and reported in the load breakdown
+    name: str  # as logged
+    # Whether a step in which every sequence decodes runs without a host synchronisation and
+    # honours CUDA-graph padding rows (slot -1: write nothing; context 0: read nothing), so
+    # cuda_graphs.py may capture it.
+    supports_cuda_graphs: bool
 
     def kv_cache_shape(
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int

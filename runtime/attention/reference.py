@@ -41,6 +41,7 @@ class TorchAttention:
     """
 
     name = "torch"
+    supports_cuda_graphs = False  # plans each step on the host (.tolist())
 
     def __init__(self) -> None:
         self._plan: tuple[AttentionMetadata, _Plan] | None = None

@@ -28,11 +28,10 @@ def new_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int) -> lis
     return [torch.zeros(shape) for _ in range(cfg.num_hidden_layers)]
 
 
-def run_step(
-    model: LlamaForCausalLM, caches: list[torch.Tensor], chunks: list[Chunk]
-) -> list[torch.Tensor]:
-    """Logits [len(tokens), vocab] of every chunk, after one forward of them all together."""
-    block_size = caches[0].shape[3]  # head-major: [2, blocks, kv_heads, block_size, head_dim]
+def step_inputs(
+    chunks: list[Chunk], block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """(input ids, positions, metadata) of one step over `chunks`, as the model runner makes."""
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -50,8 +49,17 @@ def run_step(
         context_lens=torch.tensor([c.start + len(c.tokens) for c in chunks]),
         block_tables=torch.tensor([c.blocks + [-1] * (width - len(c.blocks)) for c in chunks]),
     )
+    return torch.tensor(ids), torch.tensor(positions), meta
+
+
+def run_step(
+    model: LlamaForCausalLM, caches: list[torch.Tensor], chunks: list[Chunk]
+) -> list[torch.Tensor]:
+    """Logits [len(tokens), vocab] of every chunk, after one forward of them all together."""
+    block_size = caches[0].shape[3]  # head-major: [2, blocks, kv_heads, block_size, head_dim]
+    ids, positions, meta = step_inputs(chunks, block_size)
     with torch.inference_mode():
-        hidden = model(torch.tensor(ids), torch.tensor(positions), caches, meta)
+        hidden = model(ids, positions, caches, meta)
         return list(torch.split(model.compute_logits(hidden), [len(c.tokens) for c in chunks]))
 
 

@@ -3,8 +3,10 @@ documented in runtime/attention/selection.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from runtime.attention import cpu_kernel
 from runtime.attention.cpu_kernel import CpuKernelAttention
 from runtime.attention.interface import AttentionMetadata
 from runtime.attention.reference import TorchAttention
-from runtime.attention.selection import BACKEND_ENV, select_backend
+from runtime.attention.selection import BACKEND_ENV, flash_unusable, select_backend
 
 CPU = torch.device("cpu")
 
@@ -84,29 +86,29 @@ def no_backend_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 def test_float32_on_the_cpu_selects_the_kernel(no_backend_env: pytest.MonkeyPatch) -> None:
-    assert isinstance(select_backend(CPU, torch.float32), CpuKernelAttention)
+    assert isinstance(select_backend(CPU, torch.float32, 16), CpuKernelAttention)
 
 
 def test_other_cpu_dtypes_select_the_reference(no_backend_env: pytest.MonkeyPatch) -> None:
-    backend = select_backend(CPU, torch.bfloat16)
+    backend = select_backend(CPU, torch.bfloat16, 16)
     assert type(backend) is TorchAttention
 
 
 def test_the_environment_can_force_the_reference(no_backend_env: pytest.MonkeyPatch) -> None:
     no_backend_env.setenv(BACKEND_ENV, "torch")
-    assert type(select_backend(CPU, torch.float32)) is TorchAttention
+    assert type(select_backend(CPU, torch.float32, 16)) is TorchAttention
 
 
 def test_a_bad_backend_name_lists_the_choices(no_backend_env: pytest.MonkeyPatch) -> None:
     no_backend_env.setenv(BACKEND_ENV, "fast")
     with pytest.raises(ValueError, match=r"RUNTIME_ATTENTION_BACKEND: expected one of auto"):
-        select_backend(CPU, torch.float32)
+        select_backend(CPU, torch.float32, 16)
 
 
 def test_forcing_the_kernel_for_bfloat16_is_refused(no_backend_env: pytest.MonkeyPatch) -> None:
     no_backend_env.setenv(BACKEND_ENV, "cpu-kernel")
     with pytest.raises(ValueError, match="needs float32"):
-        select_backend(CPU, torch.bfloat16)
+        select_backend(CPU, torch.bfloat16, 16)
 
 
 def test_without_a_compiler_the_reference_runs_and_the_log_says_why(
@@ -117,7 +119,7 @@ def test_without_a_compiler_the_reference_runs_and_the_log_says_why(
     cpu_kernel.load_kernel.cache_clear()
     try:
         with caplog.at_level("INFO", logger="runtime.attention.selection"):
-            backend = select_backend(CPU, torch.float32)
+            backend = select_backend(CPU, torch.float32, 16)
     finally:
         cpu_kernel.load_kernel.cache_clear()  # later tests build with the real compiler
     assert type(backend) is TorchAttention
@@ -164,3 +166,46 @@ def test_loading_the_cpu_kernel_leaves_subnormal_floats_alone() -> None:
     smallest = sys.float_info.min
     assert smallest / 2 > 0.0
     assert torch.tensor(smallest, dtype=torch.float64).div(2).item() > 0.0
+
+
+CUDA = torch.device("cuda")  # only named: nothing here allocates on it
+
+
+def test_on_cuda_without_flash_attn_auto_selects_triton_and_says_why(
+    no_backend_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("triton")
+    no_backend_env.setattr(importlib.util, "find_spec", _find_spec_without("flash_attn"))
+    with caplog.at_level("INFO", logger="runtime.attention.selection"):
+        backend = select_backend(CUDA, torch.bfloat16, 16)
+    assert backend.name == "triton" and backend.supports_cuda_graphs
+    assert "flash-attn is not installed" in caplog.text
+
+
+def test_flash_attn_needs_half_precision_and_blocks_of_256(
+    no_backend_env: pytest.MonkeyPatch,
+) -> None:
+    no_backend_env.setattr(importlib.util, "find_spec", lambda name: object())  # all installed
+    assert flash_unusable(CUDA, torch.bfloat16, 256) is None
+    assert flash_unusable(CUDA, torch.float16, 512) is None
+    assert "multiples of 256" in str(flash_unusable(CUDA, torch.bfloat16, 16))
+    assert "float16 or bfloat16" in str(flash_unusable(CUDA, torch.float32, 256))
+    assert "runs on CUDA" in str(flash_unusable(CPU, torch.bfloat16, 256))
+
+
+def test_forcing_triton_on_the_cpu_needs_its_interpreter(
+    no_backend_env: pytest.MonkeyPatch,
+) -> None:
+    no_backend_env.setenv(BACKEND_ENV, "triton")
+    no_backend_env.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        select_backend(CPU, torch.float32, 16)
+
+
+def _find_spec_without(missing: str) -> Callable[[str], object]:
+    real = importlib.util.find_spec
+
+    def find_spec(name: str) -> object:
+        return None if name == missing else real(name)
+
+    return find_spec

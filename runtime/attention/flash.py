@@ -1,0 +1,60 @@
+"""The flash-attn backend (the optional `gpu` extra): its paged kernels over its own layout.
+
+flash-attn reads a paged cache laid out [blocks, block_size, kv_heads, head_dim] per K and V,
+so this backend's cache is [2, blocks, block_size, kv_heads, head_dim]; flash-attn 2 pages
+only in blocks of a multiple of 256 tokens (selection.py checks). A step in which every
+sequence decodes is one `flash_attn_with_kvcache` call (split-KV decode, no host
+synchronisation: CUDA graphs capture it); any other step is one `flash_attn_varlen_func`
+call over the block tables, prefill chunks and decoders together, causal aligned to each
+context's end (a chunk's first query sees the cached prefix). New keys and values go in with
+the Triton store kernel, which skips CUDA-graph padding rows (slot -1).
+
+Unverified on a GPU so far: no session with flash-attn and a GPU has run it.
+"""
+
+from __future__ import annotations
+
+import torch
+from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+
+from runtime.attention.interface import AttentionMetadata
+from runtime.attention.triton_paged import store_kv
+
+
+class FlashAttention:
+    name = "flash-attn"
+    supports_cuda_graphs = True
+
+    def kv_cache_shape(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        store_kv(k, v, kv_cache, meta.slot_mapping, heads_first=False)
+        # flash-attn takes int32 indices; -1 padding entries are never meant to be read, but
+        # 0 keeps any that are in bounds.
+        tables = meta.block_tables.clamp(min=0).to(torch.int32)
+        lens = meta.context_lens.to(torch.int32)
+        if q.shape[0] == meta.context_lens.shape[0]:  # every sequence decodes
+            out = flash_attn_with_kvcache(
+                q.unsqueeze(1), kv_cache[0], kv_cache[1], cache_seqlens=lens,
+                block_table=tables, softmax_scale=scale, causal=True,
+            )  # fmt: skip
+            return out.squeeze(1)  # type: ignore[no-any-return]
+        starts = meta.query_start_loc
+        ends = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+        return flash_attn_varlen_func(  # type: ignore[no-any-return]
+            q, kv_cache[0], kv_cache[1], cu_seqlens_q=starts.to(torch.int32), cu_seqlens_k=ends,
+            max_seqlen_q=int((starts[1:] - starts[:-1]).max()),
+            max_seqlen_k=int(meta.context_lens.max()), softmax_scale=scale, causal=True,
+            block_table=tables,
+        )  # fmt: skip

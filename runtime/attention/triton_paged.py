@@ -1,0 +1,235 @@
+"""The GPU backend: the reference backend with the cache write and decode attention in Triton.
+
+Same head-major layout as the reference ([2, num_blocks, num_kv_heads, block_size, head_dim]),
+so one K/V head's block is a contiguous [block_size, head_dim] tile and every load below is a
+run of whole rows.
+
+- `_store_kernel` writes a step's new keys and values into their slots, one program per token;
+  a slot < 0 (a padding row of a CUDA-graph batch) writes nothing.
+- `_decode_kernel` is flash-decoding over the block table: one program per (sequence, K/V head)
+  walks the context tile by tile with an online softmax in float32, for all the query heads of
+  that K/V head's GQA group at once, so each K/V byte is read once per group. A context of
+  length 0 (a padding row) reads nothing and outputs zeros. Not yet done: flash-decoding's
+  split of one context over several programs; with few (sequence, K/V head) pairs (batch 1 of
+  a model with 8 K/V heads: 8 programs for 132 SMs) most of the GPU waits.
+
+Graph safety: a step in which every sequence decodes must not synchronise with the host, as it
+is captured in CUDA graphs and replayed with new metadata. `forward` recognises it from shapes
+alone (as many new tokens as sequences, and every sequence has at least one new token, so each
+has exactly one), launches both kernels with grids fixed by shapes, and lets the kernels read
+context lengths and block tables from device memory. Only a step with prefill chunks, never
+captured, goes through the reference planning (`.tolist()`), with `_decode` overridden.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from runtime.attention.interface import AttentionMetadata
+from runtime.attention.reference import DecodeGroup, TorchAttention
+
+# Decode attention is memory-bound: per K/V element loaded, a GQA group of G query heads does
+# 2G multiply-adds. With bfloat16 on CUDA cores that is about the H100's ridge point already,
+# so both products go through tl.dot (tensor cores) with the group padded to at least 16 rows
+# (the MMA tile; padding rows are zero queries and are never stored) and tiles of at least 16
+# keys. The wasted MMA work is free, the loads are not. float32 inputs use "ieee" precision:
+# TF32 would miss the reference by ~1e-3.
+MIN_DOT = 16
+MAX_TILE = 64  # keys per step of the online softmax: bounds the registers a program holds
+
+
+# Kernel arguments are annotated tl.tensor, what Triton passes them as (scalars included);
+# Triton reads only the tl.constexpr annotations.
+@triton.jit  # type: ignore[untyped-decorator, misc]
+def _store_kernel(
+    k_ptr: tl.tensor, v_ptr: tl.tensor, k_cache_ptr: tl.tensor, v_cache_ptr: tl.tensor,
+    slot_ptr: tl.tensor,
+    stride_kt: tl.tensor, stride_kh: tl.tensor, stride_vt: tl.tensor, stride_vh: tl.tensor,
+    stride_cb: tl.tensor, stride_ch: tl.tensor, stride_cs: tl.tensor,
+    KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    KV_HEADS_P2: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
+) -> None:  # fmt: skip
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot < 0:
+        return  # a padding row of a CUDA-graph batch: nothing to store
+    heads = tl.arange(0, KV_HEADS_P2)
+    dims = tl.arange(0, HEAD_DIM_P2)
+    inside = (heads[:, None] < KV_HEADS) & (dims[None, :] < HEAD_DIM)
+    k = tl.load(k_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :],
+                mask=inside)  # fmt: skip
+    v = tl.load(v_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :],
+                mask=inside)  # fmt: skip
+    where = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+    where += heads[:, None] * stride_ch + dims[None, :]
+    tl.store(k_cache_ptr + where, k.to(k_cache_ptr.dtype.element_ty), mask=inside)
+    tl.store(v_cache_ptr + where, v.to(v_cache_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit  # type: ignore[untyped-decorator, misc]
+def _decode_kernel(
+    q_ptr: tl.tensor, k_cache_ptr: tl.tensor, v_cache_ptr: tl.tensor, table_ptr: tl.tensor,
+    lens_ptr: tl.tensor, out_ptr: tl.tensor, qk_scale: tl.tensor,
+    stride_qt: tl.tensor, stride_qh: tl.tensor, stride_ot: tl.tensor, stride_oh: tl.tensor,
+    stride_table: tl.tensor, stride_cb: tl.tensor, stride_ch: tl.tensor, stride_cs: tl.tensor,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    GROUP_P2: tl.constexpr, HEAD_DIM_P2: tl.constexpr, TILE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+) -> None:  # fmt: skip
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1).to(tl.int64)
+    context = tl.load(lens_ptr + seq)
+    rows = tl.arange(0, GROUP_P2)  # query heads kv_head * GROUP + row, as SDPA's enable_gqa
+    dims = tl.arange(0, HEAD_DIM_P2)
+    keys = tl.arange(0, TILE)
+    real = (rows[:, None] < GROUP) & (dims[None, :] < HEAD_DIM)
+    heads = kv_head * GROUP + rows
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=real,
+                other=0.0)  # fmt: skip
+    head_base = kv_head * stride_ch
+    table = table_ptr + seq * stride_table
+
+    m = tl.full([GROUP_P2], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_P2], tl.float32)  # noqa: E741 (the softmax's usual name)
+    acc = tl.zeros([GROUP_P2, HEAD_DIM_P2], tl.float32)
+    # Runs cdiv(context, TILE) times: none for a padding row, and never past a context's last
+    # block, so the table's -1 padding is never read.
+    for start in range(0, context, TILE):
+        pos = start + keys
+        valid = pos < context
+        if BLOCK_SIZE % TILE == 0:
+            # The tile lies in one block (block sizes 16, 32, ...): one table read, and the
+            # tile is one contiguous run of memory.
+            block = tl.load(table + start // BLOCK_SIZE).to(tl.int64)
+            offsets = block * stride_cb + ((start % BLOCK_SIZE) + keys) * stride_cs
+        else:
+            # Small or odd block sizes: the tile spans blocks, each key finds its own.
+            block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            offsets = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs
+        tile = head_base + offsets[:, None] + dims[None, :]
+        loaded = valid[:, None] & (dims[None, :] < HEAD_DIM)
+        # Keys and values in the query's dtype, as the reference multiplies them.
+        k = tl.load(k_cache_ptr + tile, mask=loaded, other=0.0).to(q_ptr.dtype.element_ty)
+        v = tl.load(v_cache_ptr + tile, mask=loaded, other=0.0).to(q_ptr.dtype.element_ty)
+        if DOT_F32:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))  # [GROUP_P2, TILE]
+        # Every tile holds at least one valid key, so m_new is finite and no exp2 sees NaN.
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
+        # The weights are rounded to the values' dtype, as on tensor cores (and the reference).
+        p_dot = p.to(v.dtype)
+        if DOT_F32:
+            pv = tl.dot(p_dot.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p_dot, v)
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+
+    # An empty context leaves l == 0 and acc == 0: output zeros, not 0 / 0.
+    out = acc / tl.where(l > 0.0, l, 1.0)[:, None]
+    tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=real)  # fmt: skip
+
+
+# The interpreter keeps bfloat16 as raw uint16 bits and multiplies those in tl.dot
+# (triton-lang/triton#11584, unsupported upstream), so there the products run on float32 copies;
+# converting bfloat16 to float32 is exact, so only the summation order differs from the GPU.
+_INTERPRETED = isinstance(_decode_kernel, InterpretedFunction)
+
+
+def _p2(n: int, floor: int = 1) -> int:
+    return max(floor, int(triton.next_power_of_2(n)))
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    heads_first: bool = True,
+) -> None:  # fmt: skip
+    """Write k and v ([tokens, kv_heads, head_dim]) into their slots; a slot < 0 is skipped.
+
+    The cache is [2, blocks, kv_heads, block_size, head_dim] (heads_first, this backend's) or
+    [2, blocks, block_size, kv_heads, head_dim] (flash-attn's)."""
+    head_dim = kv_cache.shape[-1]
+    kv_heads, block_size = kv_cache.shape[2:4] if heads_first else kv_cache.shape[3:1:-1]
+    assert k.stride(-1) == v.stride(-1) == 1 and kv_cache.is_contiguous()
+    key_cache, value_cache = kv_cache[0], kv_cache[1]
+    head_stride, slot_stride = (key_cache.stride(1), key_cache.stride(2))[
+        :: 1 if heads_first else -1
+    ]
+    _store_kernel[(k.shape[0],)](
+        k, v, key_cache, value_cache, slot_mapping.contiguous(),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        key_cache.stride(0), head_stride, slot_stride,
+        KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        KV_HEADS_P2=_p2(kv_heads), HEAD_DIM_P2=_p2(head_dim),
+    )  # fmt: skip
+
+
+def paged_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one query token per sequence ([seqs, heads, head_dim]) over its context.
+
+    Reads block_tables[i, :cdiv(context_lens[i], block_size)] only: entries past those (-1
+    padding) may hold anything. A sequence with context_lens[i] == 0 outputs zeros.
+    """
+    seqs, heads, head_dim = q.shape
+    _, _, kv_heads, block_size, _ = kv_cache.shape
+    assert heads % kv_heads == 0, f"{heads} query heads do not split into {kv_heads} K/V heads"
+    assert q.stride(-1) == 1 and kv_cache.is_contiguous() and block_tables.stride(-1) == 1
+    group = heads // kv_heads
+    out = torch.empty_like(q)
+    key_cache, value_cache = kv_cache[0], kv_cache[1]
+    _decode_kernel[(seqs, kv_heads)](
+        q, key_cache, value_cache, block_tables, context_lens.contiguous(), out,
+        scale * math.log2(math.e),  # the softmax runs in exp2
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        GROUP_P2=_p2(group, MIN_DOT), HEAD_DIM_P2=_p2(head_dim, MIN_DOT),
+        TILE=min(_p2(block_size, MIN_DOT), MAX_TILE),
+        DOT_F32=q.dtype == torch.float32 or _INTERPRETED,
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+class TritonAttention(TorchAttention):
+    """The reference backend, with the cache write and decode attention in Triton kernels."""
+
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        store_kv(k, v, kv_cache, meta.slot_mapping)
+        if q.shape[0] == meta.context_lens.shape[0]:
+            # Every sequence decodes: no planning, no host synchronisation (graph-capturable).
+            return paged_decode(q, kv_cache, meta.block_tables, meta.context_lens, scale)
+        return self._attend(q, kv_cache, meta, scale)
+
+    def _decode(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, group: DecodeGroup, scale: float
+    ) -> torch.Tensor:
+        return paged_decode(q, kv_cache, group.blocks, group.context_lens, scale)

@@ -1,0 +1,207 @@
+"""The Triton backend computes what the reference does. Without a GPU its kernels run in
+Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), which is slow: shapes are
+small."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from runtime.attention.interface import AttentionMetadata
+from runtime.attention.reference import TorchAttention
+from runtime.attention.triton_paged import TritonAttention, store_kv
+from runtime.config import ModelConfig
+from runtime.loader import load_dummy
+from runtime.models.llama import LlamaForCausalLM
+from tests.runtime.paged import Chunk, new_caches, run_step
+from tests.runtime.test_attention_backends import decode_step
+
+# bfloat16 keeps 8 bits of mantissa: one rounding of an output near 4 is up to 2^-7 = 0.008,
+# and the softmax weights are rounded too (as on tensor cores). float16 keeps 11 bits.
+LOW_PRECISION = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+def _padding_row(meta: AttentionMetadata) -> AttentionMetadata:
+    """meta plus one more sequence as a CUDA-graph batch pads: slot -1, no context, no blocks."""
+    seqs = meta.context_lens.shape[0]
+    return AttentionMetadata(
+        slot_mapping=torch.cat([meta.slot_mapping, torch.tensor([-1])]),
+        query_start_loc=torch.arange(seqs + 2),
+        context_lens=torch.cat([meta.context_lens, torch.tensor([0])]),
+        block_tables=torch.cat([meta.block_tables, torch.full_like(meta.block_tables[:1], -1)]),
+    )
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "block_size"),
+    [(8, 8, 32, 16), (8, 4, 24, 4), (8, 1, 64, 1), (8, 2, 32, 6), (4, 2, 32, 128)],
+)
+def test_decode_equals_the_reference(
+    heads: int, kv_heads: int, head_dim: int, block_size: int
+) -> None:
+    # Contexts of one token, exact multiples of the block and one far longer than the rest.
+    contexts = [1, block_size, 3 * block_size, 2 * block_size + 1, 7, 300, 33]
+    q, k, v, cache, meta = decode_step(contexts, heads, kv_heads, head_dim, block_size)
+    want = TorchAttention().forward(q, k, v, cache.clone(), meta, head_dim**-0.5)
+    got = TritonAttention().forward(q, k, v, cache.clone(), meta, head_dim**-0.5)
+    assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_decode_is_within_rounding_of_float32(dtype: torch.dtype) -> None:
+    q, k, v, cache, meta = decode_step([1, 12, 300, 33], 8, 2, 32, 6)
+    q, k, v, cache = (t.to(dtype) for t in (q, k, v, cache))
+    # The exact answer for these (rounded) inputs, and the reference's own error against it.
+    exact = TorchAttention().forward(q.float(), k.float(), v.float(), cache.float(), meta, 0.2)
+    reference = TorchAttention().forward(q, k, v, cache.clone(), meta, 0.2)
+    got = TritonAttention().forward(q, k, v, cache.clone(), meta, 0.2)
+    assert got.dtype == dtype
+    assert (reference.float() - exact).abs().max().item() < LOW_PRECISION[dtype]
+    assert (got.float() - exact).abs().max().item() < LOW_PRECISION[dtype]
+
+
+@pytest.mark.parametrize(("kv_heads", "head_dim", "block_size"), [(2, 32, 16), (3, 24, 6)])
+def test_store_writes_the_named_slots_and_skips_slot_minus_one(
+    kv_heads: int, head_dim: int, block_size: int
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    cache = torch.randn(TorchAttention().kv_cache_shape(5, block_size, kv_heads, head_dim),
+                        generator=gen)  # fmt: skip
+    slots = torch.tensor([3 * block_size + 1, -1, 0, 5 * block_size - 1, -1, block_size])
+    k = torch.randn(len(slots), kv_heads, head_dim, generator=gen)
+    v = torch.randn(len(slots), kv_heads, head_dim, generator=gen)
+    want, got = cache.clone(), cache.clone()
+    real = slots >= 0
+    TorchAttention()._write(k[real], v[real], want, slots[real])
+    store_kv(k, v, got, slots)
+    assert torch.equal(got, want)
+
+
+def test_a_store_of_padding_rows_changes_nothing() -> None:
+    cache = torch.randn(TorchAttention().kv_cache_shape(3, 4, 2, 16))
+    k, v = torch.randn(2, 2, 16), torch.randn(2, 2, 16)
+    after = cache.clone()
+    store_kv(k, v, after, torch.tensor([-1, -1]))
+    assert torch.equal(after, cache)
+
+
+def test_an_empty_context_outputs_zeros_and_leaves_the_other_rows_alone() -> None:
+    q, k, v, cache, meta = decode_step([5, 40, 17], 8, 2, 32, 16)
+    alone = TritonAttention().forward(q, k, v, cache.clone(), meta, 0.2)
+    padded = _padding_row(meta)
+    # A padding row's query is whatever its token gave; NaN shows any use of it reaching out.
+    q, k, v = (torch.cat([t, torch.full_like(t[:1], float("nan"))]) for t in (q, k, v))
+    with_padding = TritonAttention().forward(q, k, v, cache.clone(), padded, 0.2)
+    assert torch.equal(with_padding[-1], torch.zeros_like(with_padding[-1]))
+    assert torch.equal(with_padding[:-1], alone)
+
+
+@pytest.mark.parametrize("block_size", [16, 6])  # a tile within a block, a tile across blocks
+def test_decode_reads_nothing_past_a_context(block_size: int) -> None:
+    q, k, v, cache, meta = decode_step([5, 40, 1], 4, 2, 16, block_size)
+    before = TritonAttention().forward(q, k, v, cache.clone(), meta, 0.25)
+    # The same step with every block renumbered one up, and NaN in every slot no context
+    # reaches: the new first block (what a masked table read would give), the new last (what
+    # block -1 of the values is), unowned blocks and each context's last block past its end.
+    # Any read of one makes its row NaN.
+    nan = torch.full_like(cache[:, :1], float("nan"))
+    poisoned = torch.cat([nan, cache, nan], dim=1)
+    tables = torch.where(meta.block_tables >= 0, meta.block_tables + 1, -1)
+    owned = set(tables.flatten().tolist())
+    for block in range(poisoned.shape[1]):
+        if block not in owned:
+            poisoned[:, block] = float("nan")
+    for table, context in zip(tables.tolist(), meta.context_lens.tolist(), strict=True):
+        poisoned[:, table[(context - 1) // block_size], :, (context - 1) % block_size + 1 :] = (
+            float("nan")
+        )
+    shifted = AttentionMetadata(meta.slot_mapping + block_size, meta.query_start_loc,
+                                meta.context_lens, tables)  # fmt: skip
+    after = TritonAttention().forward(q, k, v, poisoned, shifted, 0.25)
+    assert torch.equal(before, after)
+
+
+def test_a_decode_step_never_synchronises_with_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, k, v, cache, meta = decode_step([5, 40, 17], 8, 2, 32, 16)
+    want = TorchAttention().forward(q, k, v, cache.clone(), meta, 0.2)
+
+    def synchronises(*_: object) -> None:
+        raise AssertionError("a decode step read a tensor on the host (not graph-capturable)")
+
+    # The reference plans with .tolist(); a CUDA graph would capture none of it.
+    for method in ("tolist", "item", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, method, synchronises)
+    got = TritonAttention().forward(q, k, v, cache.clone(), meta, 0.2)
+    monkeypatch.undo()
+    assert (got - want).abs().max().item() < 1e-5
+
+
+def test_a_step_with_a_prefill_chunk_equals_the_reference() -> None:
+    q, k, v, cache, meta = decode_step([30, 9, 17], 4, 2, 16, 4)
+    # The first sequence's last three tokens are new this step: a chunk after a cached prefix,
+    # so attention plans through the reference and decodes the other two with the kernel.
+    table = meta.block_tables[0].tolist()
+    chunk = torch.tensor([table[p // 4] * 4 + p % 4 for p in (27, 28)])
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.cat([torch.randn((2, *t.shape[1:]), generator=gen), t]) for t in (q, k, v))
+    mixed = AttentionMetadata(
+        slot_mapping=torch.cat([chunk, meta.slot_mapping]),
+        query_start_loc=torch.tensor([0, 3, 4, 5]),
+        context_lens=meta.context_lens,
+        block_tables=meta.block_tables,
+    )
+    want = TorchAttention().forward(q, k, v, cache.clone(), mixed, 0.25)
+    got = TritonAttention().forward(q, k, v, cache.clone(), mixed, 0.25)
+    assert (got - want).abs().max().item() < 1e-5
+
+
+BLOCK = 4
+
+
+def _model(backend: TorchAttention) -> LlamaForCausalLM:
+    cfg = ModelConfig.from_hf({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 320, "hidden_size": 64,
+        "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256,
+    })  # fmt: skip
+    model = LlamaForCausalLM(cfg, backend).eval()
+    load_dummy(model, seed=0)
+    with torch.no_grad():
+        # As in test_paged_attention.py: larger weights make every key move the logits.
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.mul_(5)
+    return model
+
+
+def _steps(model: LlamaForCausalLM) -> list[torch.Tensor]:
+    """Logits of three steps: prefills, a mix of prefill chunks and decoders, all decoding."""
+    rng = random.Random(0)
+    prompts = [[rng.randrange(320) for _ in range(n)] for n in (13, 10, 16, 21, 1)]
+    split = [(0, 13), (9, 1), (10, 6), (20, 1), (0, 1)]  # (cached before, new this step)
+    free = list(range(40))
+    rng.shuffle(free)
+    tables = [[free.pop() for _ in range(-(-(len(p) + 1) // BLOCK))] for p in prompts]
+    caches = new_caches(model, 40, BLOCK)
+    steps = run_step(model, caches, [
+        Chunk(p[:c], 0, t) for p, (c, _), t in zip(prompts, split, tables, strict=True) if c
+    ])  # fmt: skip
+    steps += run_step(model, caches, [
+        Chunk(p[c : c + n], c, t) for p, (c, n), t in zip(prompts, split, tables, strict=True)
+    ])  # fmt: skip
+    steps += run_step(model, caches, [
+        Chunk([7], len(p), t) for p, t in zip(prompts, tables, strict=True)
+    ])  # fmt: skip
+    return steps
+
+
+def test_a_model_gives_the_reference_logits_over_mixed_and_decode_steps() -> None:
+    want = _steps(_model(TorchAttention()))
+    got = _steps(_model(TritonAttention()))
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and (g - w).abs().max().item() < 1e-5

@@ -70,20 +70,23 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="output tokens to decode")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--copy-mib", type=int, default=1024, help="size of the copy test")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     args = parser.parse_args()
     device = engine_device(0)
     cfg = EngineConfig(
         model=args.model, load_format="dummy", dtype=args.dtype, max_num_seqs=1,
         max_model_len=PROMPT_TOKENS + args.tokens + 16,
         # The CPU has no memory budget to size the cache from: a few sequences' worth.
-        num_kv_blocks=None if device.type == "cuda" else 64,
+        num_kv_blocks=None if device.type == "cuda" else 64, enforce_eager=args.enforce_eager,
     )  # fmt: skip
     engine = Engine(cfg)
     steps_per_s, kv_bytes = decode_rate(engine, args.tokens)
     step_bytes = engine.load.weight_bytes + kv_bytes
     achieved = step_bytes * steps_per_s
     ceiling = copy_bandwidth(device, args.copy_mib << 20)
-    table = Table(title=f"{args.model} (dummy weights), batch 1, {args.tokens} tokens, on {device}")
+    graphs = "eager" if args.enforce_eager or device.type != "cuda" else "CUDA graphs"
+    table = Table(title=f"{args.model} (dummy weights), batch 1, {args.tokens} tokens, on "
+                  f"{device}, {graphs}")  # fmt: skip
     for column in ("decode tok/s", "bytes/step", "achieved GB/s", "copy GB/s", "share"):
         table.add_column(column, justify="right")
     table.add_row(

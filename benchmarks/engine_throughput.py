@@ -7,12 +7,16 @@ Same model, same requests, one process: our engine (continuous batching over the
 continuous batching should win. Greedy, EOS ignored, float32 on CPU.
 
     python benchmarks/engine_throughput.py [--models small4 tiny] [--concurrency 1 8 32]
+        [--attention auto torch]   # our engine once per attention backend, side by side
+        [--rounds 3]               # each figure the median of 3 interleaved measurements
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +26,7 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
+from runtime.attention.selection import BACKEND_ENV, BACKENDS
 from runtime.config import EngineConfig
 from runtime.engine import Engine
 from runtime.sequence import SamplingParams
@@ -51,7 +56,8 @@ def _workload(n: int, mixed: bool, vocab: int, seed: int = 0) -> Workload:
     ]
 
 
-def _ours(path: Path, work: Workload, concurrency: int) -> float:
+def _ours(path: Path, work: Workload, concurrency: int, attention: str) -> float:
+    os.environ[BACKEND_ENV] = attention  # read when the engine picks its backend
     engine = Engine(EngineConfig(model=str(path), max_num_seqs=concurrency,
                                  max_num_batched_tokens=2048, num_kv_blocks=4096))  # fmt: skip
     for prompt, out in work:
@@ -97,10 +103,20 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["small4", "tiny"])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests-per-user", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="measurements of each (median shown)")
+    ap.add_argument(
+        "--attention",
+        nargs="+",
+        default=["auto"],
+        choices=BACKENDS,
+        help="our engine's attention backends, each measured (ratios: the first)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    table = Table(title="output tokens/s (higher is better), float32 on CPU, greedy, EOS ignored")
-    for col in ("model", "lengths", "users", "ours", "generate", "generate_batch",
+    ours = [f"ours ({a})" if len(args.attention) > 1 else "ours" for a in args.attention]
+    table = Table(title="output tokens/s (higher is better), float32 on CPU, greedy, EOS ignored"
+                  f", median of {args.rounds}")  # fmt: skip
+    for col in ("model", "lengths", "users", *ours, "generate", "generate_batch",
                 "ours / generate", "ours / generate_batch"):  # fmt: skip
         table.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,18 +128,23 @@ def main() -> None:
                 for users in args.concurrency:
                     work = _workload(max(users * args.requests_per_user, 4), mixed,
                                      hf.config.vocab_size)  # fmt: skip
-                    tps = {
-                        "ours": _ours(path, work, users),
-                        "generate": _hf_generate(hf, work, users),
-                        "generate_batch": _hf_generate_batch(hf, work, users),
-                    }
+                    runs: dict[str, list[float]] = {}
+                    # Rounds interleave the engines, so a noisy minute hits all of them.
+                    for _ in range(args.rounds):
+                        for col, attention in zip(ours, args.attention, strict=True):
+                            runs.setdefault(col, []).append(_ours(path, work, users, attention))
+                        runs.setdefault("generate", []).append(_hf_generate(hf, work, users))
+                        runs.setdefault("generate_batch", []).append(
+                            _hf_generate_batch(hf, work, users)
+                        )
+                    tps = {col: statistics.median(values) for col, values in runs.items()}
                     table.add_row(
                         name, "mixed" if mixed else "equal", str(users),
-                        *(f"{tps[k]:,.0f}" for k in ("ours", "generate", "generate_batch")),
-                        f"{tps['ours'] / tps['generate']:.2f}x",
-                        f"{tps['ours'] / tps['generate_batch']:.2f}x",
+                        *(f"{tps[k]:,.0f}" for k in (*ours, "generate", "generate_batch")),
+                        f"{tps[ours[0]] / tps['generate']:.2f}x",
+                        f"{tps[ours[0]] / tps['generate_batch']:.2f}x",
                     )  # fmt: skip
-                    print(name, "mixed" if mixed else "equal", users, tps, flush=True)
+                    print(name, "mixed" if mixed else "equal", users, runs, flush=True)
     Console(width=160).print(table)
 
 

@@ -34,6 +34,10 @@ then:
        -d '{"prompt": "The server", "max_tokens": 16}'
 environment:
   RUNTIME_DEVICE=auto|cpu|cuda   where the engine runs (auto: CUDA when available)
+  RUNTIME_ATTENTION_BACKEND=auto|torch|cpu-kernel|triton|flash-attn
+                                 attention kernels (auto: flash-attn, else Triton on CUDA;
+                                 the C kernel for float32 on the CPU; the log says which)
+  RUNTIME_KERNEL_CACHE=DIR       where the CPU kernel is built (~/.cache/llm-serving-bench)
 """
 
 
@@ -93,7 +97,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="fraction of GPU memory for weights and KV cache")  # fmt: skip
     p.add_argument("--enable-prefix-caching", action="store_true",
                    help="reuse KV blocks of identical prompt prefixes")  # fmt: skip
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run decode eagerly: no CUDA graphs (captured at load otherwise)",
+    )
     p.add_argument("--dtype", default=d.dtype, choices=("auto", *DTYPES))
     p.add_argument("--load-format", default=d.load_format, choices=("auto", "dummy"),
                    help="dummy: seeded random weights, no checkpoint read")  # fmt: skip

@@ -86,7 +86,7 @@ def test_open_loop_holds_a_50_per_second_schedule(tmp_path: Path) -> None:
         "scenario.output_tokens=4", "scenario.warmup_requests=1",
         "target.server_args.ttft-ms=5", "target.server_args.itl-ms=1",
     )  # fmt: skip
-    result = best_of(2, lambda: runner.run(cfg), lambda r: (r.runs[0].send_lag_ms_p99 or 1e9) < 2.0)
+    result = best_of(3, lambda: runner.run(cfg), lambda r: (r.runs[0].send_lag_ms_p99 or 1e9) < 2.0)
     (run,) = result.runs
     assert run.completed == 250
     assert run.send_lag_ms_p99 is not None and run.send_lag_ms_p99 < 2.0

@@ -25,13 +25,18 @@ def new_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int) -> lis
     shape = TorchAttention().kv_cache_shape(
         num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim
     )
-    return [torch.zeros(shape) for _ in range(cfg.num_hidden_layers)]
+    device = model.lm_head.weight.device
+    return [torch.zeros(shape, device=device) for _ in range(cfg.num_hidden_layers)]
 
 
 def step_inputs(
-    chunks: list[Chunk], block_size: int
+    chunks: list[Chunk], block_size: int, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """(input ids, positions, metadata) of one step over `chunks`, as the model runner makes."""
+
+    def tensor(values: list[int] | list[list[int]]) -> torch.Tensor:
+        return torch.tensor(values, device=device)
+
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -44,12 +49,12 @@ def step_inputs(
         starts.append(starts[-1] + len(c.tokens))
     width = max(len(c.blocks) for c in chunks)
     meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots),
-        query_start_loc=torch.tensor(starts),
-        context_lens=torch.tensor([c.start + len(c.tokens) for c in chunks]),
-        block_tables=torch.tensor([c.blocks + [-1] * (width - len(c.blocks)) for c in chunks]),
+        slot_mapping=tensor(slots),
+        query_start_loc=tensor(starts),
+        context_lens=tensor([c.start + len(c.tokens) for c in chunks]),
+        block_tables=tensor([c.blocks + [-1] * (width - len(c.blocks)) for c in chunks]),
     )
-    return torch.tensor(ids), torch.tensor(positions), meta
+    return tensor(ids), tensor(positions), meta
 
 
 def run_step(
@@ -57,7 +62,7 @@ def run_step(
 ) -> list[torch.Tensor]:
     """Logits [len(tokens), vocab] of every chunk, after one forward of them all together."""
     block_size = caches[0].shape[3]  # head-major: [2, blocks, kv_heads, block_size, head_dim]
-    ids, positions, meta = step_inputs(chunks, block_size)
+    ids, positions, meta = step_inputs(chunks, block_size, caches[0].device)
     with torch.inference_mode():
         hidden = model(ids, positions, caches, meta)
         return list(torch.split(model.compute_logits(hidden), [len(c.tokens) for c in chunks]))

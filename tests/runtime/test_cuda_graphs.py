@@ -4,14 +4,12 @@ CPU with the backends that honour it; capture and replay themselves need a GPU."
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import pytest
 import torch
 
 from runtime.attention.cpu_kernel import CpuKernelAttention
-from runtime.attention.interface import AttentionMetadata
 from runtime.attention.reference import TorchAttention
 from runtime.config import ModelConfig
 from runtime.cuda_graphs import (
@@ -148,19 +146,15 @@ def test_replaying_a_graph_equals_the_eager_step() -> None:
     lengths = [5, 12, 1]
     prompts = [[rng.randrange(320) for _ in range(n)] for n in lengths]
     tables = [[3 * i, 3 * i + 1, 3 * i + 2, 3 * i + 3] for i in range(len(lengths))]
-    caches = [c.to(cuda) for c in new_caches(model, 40, BLOCK)]
-
-    def on_cuda(chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        ids, positions, meta = step_inputs(chunks, BLOCK)
-        moved = AttentionMetadata(*(t.to(cuda) for t in dataclasses.astuple(meta)))
-        return ids.to(cuda), positions.to(cuda), moved
-
+    caches = new_caches(model, 40, BLOCK)
     decode = [Chunk([7], n, t) for n, t in zip(lengths, tables, strict=True)]
     with torch.inference_mode():
-        model(*on_cuda([Chunk(p, 0, t) for p, t in zip(prompts, tables, strict=True)]), caches)
+        prefill = [Chunk(p, 0, t) for p, t in zip(prompts, tables, strict=True)]
+        ids, positions, meta = step_inputs(prefill, BLOCK, cuda)
+        model(ids, positions, caches, meta)
         eager = [c.clone() for c in caches]
         graphs = DecodeGraphs(model, caches, 8, MAX_BLOCKS, cuda)
-        ids, positions, meta = on_cuda(decode)
+        ids, positions, meta = step_inputs(decode, BLOCK, cuda)
         got = graphs.run(ids, positions, meta)
         want = model(ids, positions, eager, meta)
     assert got is not None and got.shape == want.shape

@@ -1,9 +1,10 @@
-"""The Triton backend computes what the reference does. Without a GPU its kernels run in
-Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), which is slow: shapes are
-small."""
+"""The Triton backend computes what the reference does (on the CPU). On a GPU machine its
+kernels run compiled, on CUDA copies of the inputs; without one they run in Triton's
+interpreter (tests/conftest.py sets TRITON_INTERPRET=1), which is slow: shapes are small."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -19,6 +20,29 @@ from runtime.loader import load_dummy
 from runtime.models.llama import LlamaForCausalLM
 from tests.runtime.paged import Chunk, new_caches, run_step
 from tests.runtime.test_attention_backends import decode_step
+
+# Where the kernels run: CUDA when there is one (compiled), else the CPU (interpreted).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+    meta: AttentionMetadata, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """TritonAttention().forward on DEVICE; the output, and `cache` updated, on the CPU."""
+    on = [t.to(DEVICE) for t in (q, k, v, cache)]
+    moved = AttentionMetadata(*(getattr(meta, f.name).to(DEVICE) for f in dataclasses.fields(meta)))
+    out = TritonAttention().forward(*on, moved, scale)
+    cache.copy_(on[3].cpu())
+    return out.cpu()
+
+
+def _store(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """store_kv on DEVICE, `cache` updated in place."""
+    on_device = cache.to(DEVICE)
+    store_kv(k.to(DEVICE), v.to(DEVICE), on_device, slots.to(DEVICE))
+    cache.copy_(on_device.cpu())
+
 
 # bfloat16 keeps 8 bits of mantissa: one rounding of an output near 4 is up to 2^-7 = 0.008,
 # and the softmax weights are rounded too (as on tensor cores). float16 keeps 11 bits.
@@ -47,7 +71,7 @@ def test_decode_equals_the_reference(
     contexts = [1, block_size, 3 * block_size, 2 * block_size + 1, 7, 300, 33]
     q, k, v, cache, meta = decode_step(contexts, heads, kv_heads, head_dim, block_size)
     want = TorchAttention().forward(q, k, v, cache.clone(), meta, head_dim**-0.5)
-    got = TritonAttention().forward(q, k, v, cache.clone(), meta, head_dim**-0.5)
+    got = _triton(q, k, v, cache.clone(), meta, head_dim**-0.5)
     assert (got - want).abs().max().item() < 1e-5
 
 
@@ -58,7 +82,7 @@ def test_low_precision_decode_is_within_rounding_of_float32(dtype: torch.dtype) 
     # The exact answer for these (rounded) inputs, and the reference's own error against it.
     exact = TorchAttention().forward(q.float(), k.float(), v.float(), cache.float(), meta, 0.2)
     reference = TorchAttention().forward(q, k, v, cache.clone(), meta, 0.2)
-    got = TritonAttention().forward(q, k, v, cache.clone(), meta, 0.2)
+    got = _triton(q, k, v, cache.clone(), meta, 0.2)
     assert got.dtype == dtype
     assert (reference.float() - exact).abs().max().item() < LOW_PRECISION[dtype]
     assert (got.float() - exact).abs().max().item() < LOW_PRECISION[dtype]
@@ -77,7 +101,7 @@ def test_store_writes_the_named_slots_and_skips_slot_minus_one(
     want, got = cache.clone(), cache.clone()
     real = slots >= 0
     TorchAttention()._write(k[real], v[real], want, slots[real])
-    store_kv(k, v, got, slots)
+    _store(k, v, got, slots)
     assert torch.equal(got, want)
 
 
@@ -85,17 +109,17 @@ def test_a_store_of_padding_rows_changes_nothing() -> None:
     cache = torch.randn(TorchAttention().kv_cache_shape(3, 4, 2, 16))
     k, v = torch.randn(2, 2, 16), torch.randn(2, 2, 16)
     after = cache.clone()
-    store_kv(k, v, after, torch.tensor([-1, -1]))
+    _store(k, v, after, torch.tensor([-1, -1]))
     assert torch.equal(after, cache)
 
 
 def test_an_empty_context_outputs_zeros_and_leaves_the_other_rows_alone() -> None:
     q, k, v, cache, meta = decode_step([5, 40, 17], 8, 2, 32, 16)
-    alone = TritonAttention().forward(q, k, v, cache.clone(), meta, 0.2)
+    alone = _triton(q, k, v, cache.clone(), meta, 0.2)
     padded = _padding_row(meta)
     # A padding row's query is whatever its token gave; NaN shows any use of it reaching out.
     q, k, v = (torch.cat([t, torch.full_like(t[:1], float("nan"))]) for t in (q, k, v))
-    with_padding = TritonAttention().forward(q, k, v, cache.clone(), padded, 0.2)
+    with_padding = _triton(q, k, v, cache.clone(), padded, 0.2)
     assert torch.equal(with_padding[-1], torch.zeros_like(with_padding[-1]))
     assert torch.equal(with_padding[:-1], alone)
 
@@ -103,7 +127,7 @@ def test_an_empty_context_outputs_zeros_and_leaves_the_other_rows_alone() -> Non
 @pytest.mark.parametrize("block_size", [16, 6])  # a tile within a block, a tile across blocks
 def test_decode_reads_nothing_past_a_context(block_size: int) -> None:
     q, k, v, cache, meta = decode_step([5, 40, 1], 4, 2, 16, block_size)
-    before = TritonAttention().forward(q, k, v, cache.clone(), meta, 0.25)
+    before = _triton(q, k, v, cache.clone(), meta, 0.25)
     # The same step with every block renumbered one up, and NaN in every slot no context
     # reaches: the new first block (what a masked table read would give), the new last (what
     # block -1 of the values is), unowned blocks and each context's last block past its end.
@@ -121,7 +145,7 @@ def test_decode_reads_nothing_past_a_context(block_size: int) -> None:
         )
     shifted = AttentionMetadata(meta.slot_mapping + block_size, meta.query_start_loc,
                                 meta.context_lens, tables)  # fmt: skip
-    after = TritonAttention().forward(q, k, v, poisoned, shifted, 0.25)
+    after = _triton(q, k, v, poisoned, shifted, 0.25)
     assert torch.equal(before, after)
 
 
@@ -135,7 +159,7 @@ def test_a_decode_step_never_synchronises_with_the_host(monkeypatch: pytest.Monk
     # The reference plans with .tolist(); a CUDA graph would capture none of it.
     for method in ("tolist", "item", "__bool__", "__int__"):
         monkeypatch.setattr(torch.Tensor, method, synchronises)
-    got = TritonAttention().forward(q, k, v, cache.clone(), meta, 0.2)
+    got = _triton(q, k, v, cache.clone(), meta, 0.2)
     monkeypatch.undo()
     assert (got - want).abs().max().item() < 1e-5
 
@@ -155,7 +179,7 @@ def test_a_step_with_a_prefill_chunk_equals_the_reference() -> None:
         block_tables=meta.block_tables,
     )
     want = TorchAttention().forward(q, k, v, cache.clone(), mixed, 0.25)
-    got = TritonAttention().forward(q, k, v, cache.clone(), mixed, 0.25)
+    got = _triton(q, k, v, cache.clone(), mixed, 0.25)
     assert (got - want).abs().max().item() < 1e-5
 
 
@@ -201,7 +225,7 @@ def _steps(model: LlamaForCausalLM) -> list[torch.Tensor]:
 
 def test_a_model_gives_the_reference_logits_over_mixed_and_decode_steps() -> None:
     want = _steps(_model(TorchAttention()))
-    got = _steps(_model(TritonAttention()))
+    got = _steps(_model(TritonAttention()).to(DEVICE))
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
-        assert g.shape == w.shape and (g - w).abs().max().item() < 1e-5
+        assert g.shape == w.shape and (g.cpu() - w).abs().max().item() < 1e-5

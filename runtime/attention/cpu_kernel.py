@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.attention.interface import AttentionMetadata
-from runtime.attention.reference import DecodeGroup, TorchAttention
+from runtime.attention.reference import TorchAttention
 
 log = logging.getLogger(__name__)
 
@@ -111,20 +110,6 @@ class CpuKernelAttention(TorchAttention):
         lib = load_kernel()
         self._decode_kernel, self._store_kernel = lib.paged_decode_f32, lib.paged_store_f32
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
-        self._write(k, v, kv_cache, meta.slot_mapping)
-        if q.shape[0] == meta.context_lens.shape[0]:  # one token per sequence: all decode
-            return self._paged_decode(q, kv_cache, meta.block_tables, meta.context_lens, scale)
-        return self._attend(q, kv_cache, meta, scale)
-
     def _write(
         self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
     ) -> None:
@@ -136,17 +121,10 @@ class CpuKernelAttention(TorchAttention):
             num_blocks, kv_heads, block_size, head_dim,
         )  # fmt: skip
 
-    def _decode(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, group: DecodeGroup, scale: float
-    ) -> torch.Tensor:
-        return self._paged_decode(q, kv_cache, group.blocks, group.context_lens, scale)
-
     def _paged_decode(
         self, q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
         context_lens: torch.Tensor, scale: float,
     ) -> torch.Tensor:  # fmt: skip
-        """q [decoders, heads, head_dim], one row per sequence; `tables` [decoders, width]
-        (only the entries a context reaches are read, so -1 padding is harmless)."""
         _check(kv_cache, q)
         _, num_blocks, kv_heads, block_size, head_dim = kv_cache.shape
         q, tables, lens = q.contiguous(), tables.contiguous(), context_lens.contiguous()

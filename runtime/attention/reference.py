@@ -91,6 +91,10 @@ class TorchAttention:
         scale: float,
     ) -> torch.Tensor:
         self._write(k, v, kv_cache, meta.slot_mapping)
+        if q.shape[0] == meta.context_lens.shape[0]:  # one new token per sequence: all decode
+            out = self._paged_decode(q, kv_cache, meta.block_tables, meta.context_lens, scale)
+            if out is not None:  # no plan needed (nor, on CUDA, a host synchronisation)
+                return out
         return self._attend(q, kv_cache, meta, scale)
 
     def _write(
@@ -131,8 +135,25 @@ class TorchAttention:
             out[lo:hi] = o.transpose(0, 1)
         return out
 
+    def _paged_decode(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
+        context_lens: torch.Tensor, scale: float,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """Decode attention of q [decoders, heads, head_dim] read straight through the block
+        tables [decoders, width] by a kernel, for the backends that have one: entries past a
+        context (-1 padding) are never read, a context of 0 reads nothing and gives zeros.
+        None here: the reference gathers instead, after planning the step."""
+        return None
+
     def _decode(
         self, q: torch.Tensor, kv_cache: torch.Tensor, group: DecodeGroup, scale: float
+    ) -> torch.Tensor:
+        paged = self._paged_decode(q, kv_cache, group.blocks, group.context_lens, scale)
+        return paged if paged is not None else self._gathered_decode(q, kv_cache, group, scale)
+
+    @staticmethod
+    def _gathered_decode(
+        q: torch.Tensor, kv_cache: torch.Tensor, group: DecodeGroup, scale: float
     ) -> torch.Tensor:
         """One query row per sequence against its gathered blocks, block by block: the
         head-major blocks are multiplied where the gather put them (no transposed copy of the

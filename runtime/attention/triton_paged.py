@@ -14,11 +14,11 @@ run of whole rows.
   a model with 8 K/V heads: 8 programs for 132 SMs) most of the GPU waits.
 
 Graph safety: a step in which every sequence decodes must not synchronise with the host, as it
-is captured in CUDA graphs and replayed with new metadata. `forward` recognises it from shapes
-alone (as many new tokens as sequences, and every sequence has at least one new token, so each
-has exactly one), launches both kernels with grids fixed by shapes, and lets the kernels read
-context lengths and block tables from device memory. Only a step with prefill chunks, never
-captured, goes through the reference planning (`.tolist()`), with `_decode` overridden.
+is captured in CUDA graphs and replayed with new metadata. The reference's `forward` tells it
+from shapes alone (as many new tokens as sequences, and every sequence has at least one new
+token, so each has exactly one) and hands it to `_paged_decode`: both kernels launch with grids
+fixed by shapes and read context lengths and block tables from device memory. Only a step with
+prefill chunks, never captured, goes through the reference planning (`.tolist()`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from runtime.attention.interface import AttentionMetadata
-from runtime.attention.reference import DecodeGroup, TorchAttention
+from runtime.attention.reference import TorchAttention
 
 # Decode attention is memory-bound: per K/V element loaded, a GQA group of G query heads does
 # 2G multiply-adds. With bfloat16 on CUDA cores that is about the H100's ridge point already,
@@ -214,22 +213,13 @@ class TritonAttention(TorchAttention):
     name = "triton"
     supports_cuda_graphs = True
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
-        store_kv(k, v, kv_cache, meta.slot_mapping)
-        if q.shape[0] == meta.context_lens.shape[0]:
-            # Every sequence decodes: no planning, no host synchronisation (graph-capturable).
-            return paged_decode(q, kv_cache, meta.block_tables, meta.context_lens, scale)
-        return self._attend(q, kv_cache, meta, scale)
+    def _write(
+        self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        store_kv(k, v, kv_cache, slot_mapping)
 
-    def _decode(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, group: DecodeGroup, scale: float
-    ) -> torch.Tensor:
-        return paged_decode(q, kv_cache, group.blocks, group.context_lens, scale)
+    def _paged_decode(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
+        context_lens: torch.Tensor, scale: float,
+    ) -> torch.Tensor:  # fmt: skip
+        return paged_decode(q, kv_cache, tables, context_lens, scale)

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.attention.interface import AttentionMetadata
+from runtime.attention.interface import AttentionBackend, AttentionMetadata
 from runtime.attention.reference import TorchAttention
+from runtime.config import ModelConfig
+from runtime.loader import load_dummy
 from runtime.models.llama import LlamaForCausalLM
 
 
@@ -18,6 +20,24 @@ class Chunk:
     tokens: list[int]
     start: int  # tokens of this sequence already in the cache
     blocks: list[int]  # its block table
+
+
+def small_llama(backend: AttentionBackend, max_positions: int = 256) -> LlamaForCausalLM:
+    """A 2-layer Llama (GQA 4/2, vocabulary 320) with dummy weights over `backend`."""
+    cfg = ModelConfig.from_hf({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 320, "hidden_size": 64,
+        "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": max_positions,
+    })  # fmt: skip
+    model = LlamaForCausalLM(cfg, backend).eval()
+    load_dummy(model, seed=0)
+    with torch.no_grad():
+        # Dummy weights (std 0.02) attend almost uniformly, which hides a key seen too many or
+        # too few; five times larger, each key shifts the logits well beyond 1e-5.
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.mul_(5)
+    return model
 
 
 def new_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int) -> list[torch.Tensor]:

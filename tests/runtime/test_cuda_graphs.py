@@ -11,7 +11,6 @@ import torch
 
 from runtime.attention.cpu_kernel import CpuKernelAttention
 from runtime.attention.reference import TorchAttention
-from runtime.config import ModelConfig
 from runtime.cuda_graphs import (
     DecodeGraphs,
     StaticInputs,
@@ -19,9 +18,8 @@ from runtime.cuda_graphs import (
     graph_size_for,
     run_batch,
 )
-from runtime.loader import load_dummy
 from runtime.models.llama import LlamaForCausalLM
-from tests.runtime.paged import Chunk, new_caches, run_step, step_inputs
+from tests.runtime.paged import Chunk, new_caches, run_step, small_llama, step_inputs
 
 BLOCK = 4
 MAX_BLOCKS = 16  # the static block tables' width: max_model_len 64
@@ -54,17 +52,6 @@ def test_steps_with_prefill_or_past_the_largest_bucket_run_eagerly() -> None:
     assert graph_size_for(33, 33, sizes) is None
 
 
-def _model(backend: TorchAttention) -> LlamaForCausalLM:
-    cfg = ModelConfig.from_hf({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 320, "hidden_size": 64,
-        "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 64,
-    })  # fmt: skip
-    model = LlamaForCausalLM(cfg, backend).eval()
-    load_dummy(model, seed=0)
-    return model
-
-
 def _backends() -> list[type[TorchAttention]]:
     backends: list[type[TorchAttention]] = [CpuKernelAttention]
     try:
@@ -90,7 +77,7 @@ def _cached(model: LlamaForCausalLM, lengths: list[int]) -> tuple[list[torch.Ten
 
 @pytest.mark.parametrize("backend", _backends(), ids=lambda b: b.name)
 def test_a_step_padded_to_its_bucket_equals_the_step_alone(backend: type[TorchAttention]) -> None:
-    model = _model(backend())
+    model = small_llama(backend(), max_positions=64)
     caches, step = _cached(model, [5, 12, 1])
     before = [c.clone() for c in caches]
     eager_caches = [c.clone() for c in caches]
@@ -123,7 +110,7 @@ def _written(before: list[torch.Tensor], after: list[torch.Tensor]) -> set[int]:
 
 
 def test_stale_block_table_entries_of_a_wider_step_are_never_read() -> None:
-    model = _model(CpuKernelAttention())
+    model = small_llama(CpuKernelAttention(), max_positions=64)
     static = StaticInputs(4, MAX_BLOCKS, torch.device("cpu"))
     wide_caches, wide = _cached(model, [30, 2])
     with torch.inference_mode():
@@ -141,7 +128,7 @@ def test_replaying_a_graph_equals_the_eager_step() -> None:
     from runtime.attention.triton_paged import TritonAttention
 
     cuda = torch.device("cuda")
-    model = _model(TritonAttention()).to(cuda)
+    model = small_llama(TritonAttention(), max_positions=64).to(cuda)
     rng = random.Random(0)
     lengths = [5, 12, 1]
     prompts = [[rng.randrange(320) for _ in range(n)] for n in lengths]

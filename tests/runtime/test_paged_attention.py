@@ -10,10 +10,8 @@ import torch
 
 from runtime.attention.cpu_kernel import CpuKernelAttention
 from runtime.attention.reference import TorchAttention
-from runtime.config import ModelConfig
-from runtime.loader import load_dummy
 from runtime.models.llama import LlamaForCausalLM
-from tests.runtime.paged import Chunk, new_caches, prefill, run_step
+from tests.runtime.paged import Chunk, new_caches, prefill, run_step, small_llama
 
 BLOCK = 4
 TOLERANCE = 1e-5  # max abs logit difference, float32; the paths differ only in summation order
@@ -22,20 +20,7 @@ PROMPT = [(i * 53 + 7) % 320 for i in range(23)]  # 23: not a multiple of BLOCK
 
 @pytest.fixture(scope="module", params=[TorchAttention, CpuKernelAttention])
 def model(request: pytest.FixtureRequest) -> LlamaForCausalLM:
-    cfg = ModelConfig.from_hf({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 320, "hidden_size": 64,
-        "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 256,
-    })  # fmt: skip
-    model = LlamaForCausalLM(cfg, request.param()).eval()
-    load_dummy(model, seed=0)
-    with torch.no_grad():
-        # Dummy weights (std 0.02) attend almost uniformly, which hides a key seen too many or
-        # too few; five times larger, each key shifts the logits well beyond the tolerance.
-        for name, param in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                param.mul_(5)
-    return model
+    return small_llama(request.param())
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

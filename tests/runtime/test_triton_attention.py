@@ -15,10 +15,8 @@ pytest.importorskip("triton")
 from runtime.attention.interface import AttentionMetadata
 from runtime.attention.reference import TorchAttention
 from runtime.attention.triton_paged import TritonAttention, store_kv
-from runtime.config import ModelConfig
-from runtime.loader import load_dummy
 from runtime.models.llama import LlamaForCausalLM
-from tests.runtime.paged import Chunk, new_caches, run_step
+from tests.runtime.paged import Chunk, new_caches, run_step, small_llama
 from tests.runtime.test_attention_backends import decode_step
 
 # Where the kernels run: CUDA when there is one (compiled), else the CPU (interpreted).
@@ -186,22 +184,6 @@ def test_a_step_with_a_prefill_chunk_equals_the_reference() -> None:
 BLOCK = 4
 
 
-def _model(backend: TorchAttention) -> LlamaForCausalLM:
-    cfg = ModelConfig.from_hf({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 320, "hidden_size": 64,
-        "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 256,
-    })  # fmt: skip
-    model = LlamaForCausalLM(cfg, backend).eval()
-    load_dummy(model, seed=0)
-    with torch.no_grad():
-        # As in test_paged_attention.py: larger weights make every key move the logits.
-        for name, param in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                param.mul_(5)
-    return model
-
-
 def _steps(model: LlamaForCausalLM) -> list[torch.Tensor]:
     """Logits of three steps: prefills, a mix of prefill chunks and decoders, all decoding."""
     rng = random.Random(0)
@@ -224,8 +206,8 @@ def _steps(model: LlamaForCausalLM) -> list[torch.Tensor]:
 
 
 def test_a_model_gives_the_reference_logits_over_mixed_and_decode_steps() -> None:
-    want = _steps(_model(TorchAttention()))
-    got = _steps(_model(TritonAttention()).to(DEVICE))
+    want = _steps(small_llama(TorchAttention()))
+    got = _steps(small_llama(TritonAttention()).to(DEVICE))
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape and (g.cpu() - w).abs().max().item() < 1e-5

@@ -38,9 +38,10 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sorted({s for s in (1, 2, 4, *range(8, top, 8)) if s < top} | {top})
 
 
-def graph_size_for(num_tokens: int, num_seqs: int, sizes: list[int]) -> int | None:
+def graph_size_for(meta: AttentionMetadata, sizes: list[int]) -> int | None:
     """The bucket a step replays in, or None when it runs eagerly."""
-    if num_tokens != num_seqs or num_seqs > sizes[-1]:
+    num_seqs = meta.context_lens.shape[0]
+    if not meta.decode_only or num_seqs > sizes[-1]:
         return None
     return next(s for s in sizes if s >= num_seqs)
 
@@ -126,10 +127,9 @@ class DecodeGraphs:
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor | None:
         """Hidden states [n, hidden] of a decode step by replay, or None if it has no graph."""
-        n = meta.context_lens.shape[0]
-        size = graph_size_for(input_ids.shape[0], n, self.sizes)
+        size = graph_size_for(meta, self.sizes)
         if size is None:
             return None
         self.static.fill(input_ids, positions, meta, size)
         self.graphs[size].replay()
-        return self.outputs[size][:n]
+        return self.outputs[size][: meta.context_lens.shape[0]]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import platform
 import shutil
@@ -29,8 +28,6 @@ from pathlib import Path
 import torch
 
 from runtime.attention.reference import TorchAttention
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
 # Reassociation lets the compiler vectorise the dot products (it may reorder their sums). Not

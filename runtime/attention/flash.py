@@ -44,7 +44,7 @@ class FlashAttention:
         # 0 keeps any that are in bounds.
         tables = meta.block_tables.clamp(min=0).to(torch.int32)
         lens = meta.context_lens.to(torch.int32)
-        if q.shape[0] == meta.context_lens.shape[0]:  # every sequence decodes
+        if meta.decode_only:
             out = flash_attn_with_kvcache(
                 q.unsqueeze(1), kv_cache[0], kv_cache[1], cache_seqlens=lens,
                 block_table=tables, softmax_scale=scale, causal=True,

@@ -21,6 +21,12 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # [seqs]: tokens in each sequence's cache after this step
     block_tables: torch.Tensor  # [seqs, max blocks], padded with -1
 
+    @property
+    def decode_only(self) -> bool:
+        """Every sequence decodes (one new token each): as many tokens as sequences, since
+        each has at least one. Told from shapes alone, so no host synchronisation."""
+        return self.slot_mapping.shape[0] == self.context_lens.shape[0]
+
 
 class AttentionBackend(Protocol):
     name: str  # as logged

@@ -2,7 +2,8 @@
 
 Its layout is [2 (k, v), num_blocks, num_kv_heads, block_size, head_dim], so that a block's
 keys for one head are one contiguous matrix and decode attention can multiply gathered blocks
-in place. The CPU kernel backend (cpu_kernel.py) shares the layout and everything but decode.
+in place. The CPU and Triton backends share the layout and the prefill path; they replace the
+cache write and decode (`_write`, `_paged_decode`).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class TorchAttention:
         scale: float,
     ) -> torch.Tensor:
         self._write(k, v, kv_cache, meta.slot_mapping)
-        if q.shape[0] == meta.context_lens.shape[0]:  # one new token per sequence: all decode
+        if meta.decode_only:
             out = self._paged_decode(q, kv_cache, meta.block_tables, meta.context_lens, scale)
             if out is not None:  # no plan needed (nor, on CUDA, a host synchronisation)
                 return out

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from runtime.attention.cpu_kernel import CpuKernelAttention
+from runtime.attention.interface import AttentionMetadata
 from runtime.attention.reference import TorchAttention
 from runtime.cuda_graphs import (
     DecodeGraphs,
@@ -38,18 +39,24 @@ def test_buckets_stop_at_512() -> None:
     assert sizes[-1] == 512 and sizes[:4] == [1, 2, 4, 8] and len(sizes) == 3 + 512 // 8
 
 
+def _step(tokens: int, seqs: int) -> AttentionMetadata:
+    """The metadata of a step of `tokens` new tokens over `seqs` sequences (shapes only)."""
+    zeros = torch.zeros
+    return AttentionMetadata(zeros(tokens), zeros(seqs + 1), zeros(seqs), zeros(seqs, 1))
+
+
 def test_a_decode_step_replays_in_the_smallest_bucket_that_holds_it() -> None:
     sizes = graph_batch_sizes(32)
-    assert graph_size_for(1, 1, sizes) == 1
-    assert graph_size_for(3, 3, sizes) == 4
-    assert graph_size_for(17, 17, sizes) == 24
-    assert graph_size_for(32, 32, sizes) == 32
+    assert graph_size_for(_step(1, 1), sizes) == 1
+    assert graph_size_for(_step(3, 3), sizes) == 4
+    assert graph_size_for(_step(17, 17), sizes) == 24
+    assert graph_size_for(_step(32, 32), sizes) == 32
 
 
 def test_steps_with_prefill_or_past_the_largest_bucket_run_eagerly() -> None:
     sizes = graph_batch_sizes(32)
-    assert graph_size_for(20, 3, sizes) is None  # a prefill chunk among them
-    assert graph_size_for(33, 33, sizes) is None
+    assert graph_size_for(_step(20, 3), sizes) is None  # a prefill chunk among them
+    assert graph_size_for(_step(33, 33), sizes) is None
 
 
 def _backends() -> list[type[TorchAttention]]:

@@ -56,7 +56,7 @@ def resolve_model(cfg: EngineConfig) -> tuple[Path, ModelConfig, int]:
 @dataclass(frozen=True)
 class LoadTimes:
     read_s: float  # checkpoint files to host tensors (or generating dummies)
-    place_s: float  # into the model's parameters on their device
+    place_s: float  # into the model's parameters on their device, in the layout they run in
 
 
 def _checkpoint_files(path: Path) -> list[Path]:

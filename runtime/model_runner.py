@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,8 +25,10 @@ from runtime.config import EngineConfig, ModelConfig
 from runtime.cuda_graphs import DecodeGraphs
 from runtime.device import DEVICE_ENV, engine_device, model_dtype
 from runtime.kv_sizing import GIB, MemoryProfile, kv_block_bytes, kv_blocks_for
+from runtime.layers.linear import pack_weights
 from runtime.loader import LoadTimes, load_checkpoint, load_dummy
 from runtime.models.llama import LlamaForCausalLM, kv_heads_per_rank
+from runtime.native import KernelUnavailableError
 from runtime.parallel import TensorParallel
 from runtime.quantization import quantize
 from runtime.scheduler import Scheduled, Step
@@ -206,6 +208,14 @@ def load_runner(
         start = time.perf_counter()
         quantize(model, cfg.quantization)  # after loading: the loaders write float weights
         quantize_s = time.perf_counter() - start
+    elif device.type == "cpu" and dtype == torch.float32:
+        start = time.perf_counter()
+        try:
+            pack_weights(model)
+        except KernelUnavailableError as exc:
+            if tp.rank == 0:
+                log.info("linear layers run torch's matmul: the C kernel is unavailable: %s", exc)
+        times = replace(times, place_s=times.place_s + time.perf_counter() - start)
     bs, heads = cfg.block_size, kv_heads_per_rank(mcfg, tp)
     profile_s = 0.0
     if cfg.num_kv_blocks is not None:

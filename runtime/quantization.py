@@ -188,7 +188,7 @@ def quantize(model: nn.Module, method: str) -> int:
     float one. Returns how many layers were converted."""
     layers = [m for m in model.modules() if isinstance(m, LinearBase)]
     for layer in layers:
-        layer.set_quantized(METHODS[method](layer.weight))
+        layer.set_matmul(METHODS[method](layer.weight))
     return len(layers)
 
 

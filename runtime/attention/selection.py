@@ -17,9 +17,10 @@ import os
 
 import torch
 
-from runtime.attention.cpu_kernel import CpuKernelAttention, KernelUnavailableError
+from runtime.attention.cpu_kernel import CpuKernelAttention
 from runtime.attention.interface import AttentionBackend
 from runtime.attention.reference import TorchAttention
+from runtime.native import KernelUnavailableError
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.layers.linear import ReplaceableWeight
 from runtime.layers.weight_loader import logical_shape, set_weight_loader
 from runtime.parallel import SINGLE, TensorParallel
 
@@ -46,13 +47,15 @@ class VocabEmbedding(nn.Module):
         return self.tp.all_reduce(out.masked_fill_(outside[:, None], 0.0))
 
 
-class LMHead(nn.Module):
+class LMHead(ReplaceableWeight):
     """Tied, it holds the embedding's own Parameter: one tensor in two modules, so the model
-    lists it once (as the embedding) and loading the embedding loads the head."""
+    lists it once (as the embedding) and loading the embedding loads the head. Untied, its
+    weight may be replaced once loaded, as a linear layer's (linear.py)."""
 
     def __init__(self, embedding: VocabEmbedding, tied: bool) -> None:
         super().__init__()
         self.vocab_size, self.tp = embedding.vocab_size, embedding.tp
+        self.matmul, self.shares_weight = None, tied
         if tied:
             self.weight = embedding.weight
         else:
@@ -62,5 +65,5 @@ class LMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits [tokens, vocab] in float32, whatever the model's dtype, for the sampler; on
         ranks other than 0 (which only contribute their vocabulary slice), None."""
-        logits = self.tp.gather_last_dim((hidden @ self.weight.T).float())
+        logits = self.tp.gather_last_dim(self.project(hidden).float())
         return None if logits is None else logits[:, : self.vocab_size]

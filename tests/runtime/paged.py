@@ -45,7 +45,7 @@ def new_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int) -> lis
     shape = TorchAttention().kv_cache_shape(
         num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim
     )
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device  # the LM head's may be packed away
     return [torch.zeros(shape, device=device) for _ in range(cfg.num_hidden_layers)]
 
 

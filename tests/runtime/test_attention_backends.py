@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.attention import cpu_kernel
+from runtime import native
 from runtime.attention.cpu_kernel import CpuKernelAttention
 from runtime.attention.interface import AttentionMetadata
 from runtime.attention.reference import TorchAttention
@@ -124,13 +124,13 @@ def test_without_a_compiler_the_reference_runs_and_the_log_says_why(
     no_backend_env: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     no_backend_env.setenv("CC", str(tmp_path / "no-such-cc"))
-    no_backend_env.setenv(cpu_kernel.CACHE_ENV, str(tmp_path / "kernels"))
-    cpu_kernel.load_kernel.cache_clear()
+    no_backend_env.setenv(native.CACHE_ENV, str(tmp_path / "kernels"))
+    native.load_kernels.cache_clear()
     try:
         with caplog.at_level("INFO", logger="runtime.attention.selection"):
             backend = select_backend(CPU, torch.float32, 16)
     finally:
-        cpu_kernel.load_kernel.cache_clear()  # later tests build with the real compiler
+        native.load_kernels.cache_clear()  # later tests build with the real compiler
     assert type(backend) is TorchAttention
     assert "no C compiler on PATH" in caplog.text
 
@@ -142,13 +142,13 @@ def test_a_failed_build_is_reported_with_the_compiler_output(
     broken.write_text("#!/bin/sh\necho 'cc: out of luck' >&2\nexit 1\n")
     broken.chmod(0o755)
     no_backend_env.setenv("CC", str(broken))
-    no_backend_env.setenv(cpu_kernel.CACHE_ENV, str(tmp_path / "kernels"))
-    cpu_kernel.load_kernel.cache_clear()
+    no_backend_env.setenv(native.CACHE_ENV, str(tmp_path / "kernels"))
+    native.load_kernels.cache_clear()
     try:
-        with pytest.raises(cpu_kernel.KernelUnavailableError, match="out of luck"):
-            cpu_kernel.load_kernel()
+        with pytest.raises(native.KernelUnavailableError, match="out of luck"):
+            native.load_kernels()
     finally:
-        cpu_kernel.load_kernel.cache_clear()
+        native.load_kernels.cache_clear()
     assert list((tmp_path / "kernels").iterdir()) == []  # no half-built library left behind
 
 
@@ -171,7 +171,7 @@ def test_cpu_kernel_writes_the_reference_slots_and_skips_negative_ones() -> None
 
 def test_loading_the_cpu_kernel_leaves_subnormal_floats_alone() -> None:
     # A library built with -ffast-math turns on flush-to-zero for the whole process at load.
-    cpu_kernel.load_kernel()
+    native.load_kernels()
     smallest = sys.float_info.min
     assert smallest / 2 > 0.0
     assert torch.tensor(smallest, dtype=torch.float64).div(2).item() > 0.0

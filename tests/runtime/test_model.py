@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from runtime.attention.reference import TorchAttention
 from runtime.config import ModelConfig, named_architecture
+from runtime.layers.linear import LinearBase, PanelWeight, pack_weights
 from runtime.loader import load_checkpoint, load_dummy
 from runtime.models.llama import LlamaForCausalLM
 from tests.runtime.paged import prefill
@@ -68,6 +69,28 @@ def test_logits_match_transformers(tmp_path: Path, arch: str, extra: dict[str, o
     got = prefill(_ours(tmp_path), PROMPT)
     assert (got - expected).abs().max().item() < TOLERANCE
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_packed_weights_give_the_same_logits_and_hold_no_second_copy(
+    tmp_path: Path, tied: bool
+) -> None:
+    # Qwen2: biases too, which stay on the layer (partial panels: test_linear_kernel.py)
+    _hf_checkpoint(tmp_path, "Qwen2ForCausalLM", {"tie_word_embeddings": tied})
+    model = _ours(tmp_path)
+    before, count = prefill(model, PROMPT), sum(p.numel() for p in model.parameters())
+    changed = pack_weights(model)
+    layers = [m for m in model.modules() if isinstance(m, LinearBase)]
+    assert (
+        changed
+        == len(layers) + (0 if tied else 1)
+        == 4 * SHAPE["num_hidden_layers"] + (0 if tied else 1)
+    )
+    assert all(isinstance(m.matmul, PanelWeight) and m.weight is None for m in layers)
+    # a tied head keeps the embedding's table, which the embedding still looks rows up in
+    assert (model.lm_head.matmul is None) == tied
+    assert sum(p.numel() for p in model.parameters()) == count
+    assert (prefill(model, PROMPT) - before).abs().max().item() < TOLERANCE
 
 
 def test_sharded_checkpoint_loads_through_its_index(tmp_path: Path) -> None:

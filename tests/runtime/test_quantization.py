@@ -18,7 +18,7 @@ import torch
 from runtime.__main__ import _parser
 from runtime.config import QUANTIZATIONS, EngineConfig
 from runtime.engine import Engine
-from runtime.layers.linear import LinearBase
+from runtime.layers.linear import LinearBase, PanelWeight
 from runtime.quantization import (
     KERNEL_MAX_ROWS,
     METHODS,
@@ -158,9 +158,12 @@ def float_tokens(float_engine: Engine) -> list[list[int]]:
     )
 
 
+def _layers(engine: Engine) -> list[LinearBase]:
+    return [m for m in engine.runner.model.modules() if isinstance(m, LinearBase)]
+
+
 def _linear_bytes(engine: Engine) -> int:
-    layers = [m for m in engine.runner.model.modules() if isinstance(m, LinearBase)]
-    return sum(weight_bytes(layer) for layer in layers)
+    return sum(weight_bytes(layer) for layer in _layers(engine))
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
@@ -195,9 +198,12 @@ def test_load_breakdown_reports_quantisation_time_and_smaller_weights(
     # 2.36 MB (5.3x: a float32 scale and zero per 32 weights cost 0.25 byte a weight).
     float_linear = _linear_bytes(float_engine)
     assert float_engine.load.quantize_s == 0
+    # float32 on the CPU runs packed weights (linear.py); quantised ones replace them
+    assert all(isinstance(m.matmul, PanelWeight) for m in _layers(float_engine))
     for method, ratio in (("int8", 3.9), ("int4", 5.3)):
         engine = Engine(EngineConfig(**{**TINY.__dict__, "quantization": method}))
         breakdown = engine.load_breakdown()
         assert breakdown["quantize_s"] > 0
+        assert all(isinstance(m.matmul, METHODS[method]) for m in _layers(engine))
         assert breakdown["weight_bytes"] < float_engine.load_breakdown()["weight_bytes"]
         assert float_linear / _linear_bytes(engine) >= ratio

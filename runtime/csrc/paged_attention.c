@@ -1,5 +1,6 @@
-/* The CPU backend's kernels (cpu_kernel.py), float32, over the paged KV cache laid out as
- * the reference backend's: [2 (k, v)][num_blocks][kv_heads][block_size][head_dim].
+/* The CPU attention backend's kernels (runtime/attention/cpu_kernel.py), float32, over the
+ * paged KV cache laid out as the reference backend's:
+ * [2 (k, v)][num_blocks][kv_heads][block_size][head_dim].
  *
  * paged_store_f32 writes a step's new keys and values into their slots.
  *
@@ -11,10 +12,11 @@
  * one K/V head (GQA's group) are done together, so each key and value row is loaded once.
  */
 #include <float.h>
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "vec.h"
 
 /* One slot per token; a negative slot (a padding row) is skipped. */
 void paged_store_f32(const float *restrict k, const float *restrict v, /* [tokens][kv_heads][hd] */
@@ -33,6 +35,29 @@ void paged_store_f32(const float *restrict k, const float *restrict v, /* [token
             memcpy(values + at, v + (t * kv_heads + h) * head_dim, row);
         }
     }
+}
+
+/* s[t] = e^(s[t] - top) for t < n, eight at a time; returns their sum. */
+static inline __attribute__((always_inline)) float exp_shifted(float *restrict s, int64_t n,
+                                                               float top)
+{
+    v8 acc = splat8(0.f);
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const v8 e = exp8_nonpositive(load8(s + t) - splat8(top));
+        store8(s + t, e);
+        acc += e;
+    }
+    float sum = 0.f;
+    for (int i = 0; i < 8; i++) sum += acc[i];
+    if (t < n) { /* the last n % 8, through a zero-padded copy */
+        float tail[8] = {0};
+        memcpy(tail, s + t, sizeof(float) * (size_t)(n - t));
+        store8(tail, exp8_nonpositive(load8(tail) - splat8(top)));
+        for (int64_t i = 0; i < n - t; i++) sum += tail[i];
+        memcpy(s + t, tail, sizeof(float) * (size_t)(n - t));
+    }
+    return sum;
 }
 
 /* One (sequence, K/V head) pair: its group of query rows against its context. Inlined into
@@ -65,13 +90,10 @@ static inline __attribute__((always_inline)) int attend(
         }
     }
     for (int64_t g = 0; g < group; g++) {
-        float *sg = scores + g * context, top = -FLT_MAX, sum = 0.f;
+        float *sg = scores + g * context, top = -FLT_MAX;
         for (int64_t t = 0; t < context; t++) top = sg[t] > top ? sg[t] : top;
-        for (int64_t t = 0; t < context; t++) {
-            sg[t] = expf(sg[t] - top);
-            sum += sg[t];
-        }
-        for (int64_t t = 0; t < context; t++) sg[t] /= sum;
+        const float inv = 1.f / exp_shifted(sg, context, top);
+        for (int64_t t = 0; t < context; t++) sg[t] *= inv;
         for (int64_t d = 0; d < head_dim; d++) oh[g * head_dim + d] = 0.f;
     }
     for (int64_t t0 = 0; t0 < context; t0 += block_size) {

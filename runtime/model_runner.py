@@ -25,10 +25,13 @@ from runtime.config import EngineConfig, ModelConfig
 from runtime.cuda_graphs import DecodeGraphs
 from runtime.device import DEVICE_ENV, engine_device, model_dtype
 from runtime.kv_sizing import GIB, MemoryProfile, kv_block_bytes, kv_blocks_for
+from runtime.layers.activation import SiluAndMul
 from runtime.layers.linear import pack_weights
+from runtime.layers.norm import RMSNorm
+from runtime.layers.rotary import RotaryEmbedding
 from runtime.loader import LoadTimes, load_checkpoint, load_dummy
 from runtime.models.llama import LlamaForCausalLM, kv_heads_per_rank
-from runtime.native import KernelUnavailableError
+from runtime.native import KernelUnavailableError, load_kernels
 from runtime.parallel import TensorParallel
 from runtime.quantization import quantize
 from runtime.scheduler import Scheduled, Step
@@ -181,6 +184,18 @@ def _profile_memory(
     return MemoryProfile(total, weights, max(0, peak), max(0, non_torch))
 
 
+def use_cpu_kernels(model: LlamaForCausalLM, pack_linears: bool) -> None:
+    """Float32 on the CPU: norms, activation and rotary in runtime/csrc/elementwise.c and,
+    unless quantised, the linear layers' weights packed for panel_gemm.c. Raises
+    KernelUnavailableError, changing nothing, where the kernels cannot be built."""
+    lib = load_kernels()
+    for module in model.modules():
+        if isinstance(module, RMSNorm | SiluAndMul | RotaryEmbedding):
+            module.native = lib
+    if pack_linears:
+        pack_weights(model)
+
+
 def load_runner(
     cfg: EngineConfig, path: Path, mcfg: ModelConfig, max_model_len: int, tp: TensorParallel
 ) -> LoadedRunner:
@@ -208,13 +223,14 @@ def load_runner(
         start = time.perf_counter()
         quantize(model, cfg.quantization)  # after loading: the loaders write float weights
         quantize_s = time.perf_counter() - start
-    elif device.type == "cpu" and dtype == torch.float32:
+    if device.type == "cpu" and dtype == torch.float32:
         start = time.perf_counter()
         try:
-            pack_weights(model)
+            use_cpu_kernels(model, pack_linears=cfg.quantization is None)
         except KernelUnavailableError as exc:
             if tp.rank == 0:
-                log.info("linear layers run torch's matmul: the C kernel is unavailable: %s", exc)
+                log.info("the model runs torch's operators: the C kernels are unavailable: %s",
+                         exc)  # fmt: skip
         times = replace(times, place_s=times.place_s + time.perf_counter() - start)
     bs, heads = cfg.block_size, kv_heads_per_rank(mcfg, tp)
     profile_s = 0.0

@@ -4,6 +4,8 @@
   (runtime/attention/cpu_kernel.py).
 - panel_gemm.c: the float32 linear layers' matmul over weights packed at load
   (runtime/layers/linear.py, PanelWeight).
+- elementwise.c: RMSNorm with the residual add fused, SiLU-and-multiply and rotary embedding
+  (runtime/layers/norm.py, activation.py, rotary.py).
 
 They are compiled together, on first use, with the machine's C compiler (`cc`, or $CC) into a
 per-user cache keyed by sources, flags and CPU, then loaded with ctypes (which drops the GIL
@@ -90,4 +92,10 @@ def load_kernels() -> ctypes.CDLL:
     lib.paged_store_f32.restype = None
     lib.panel_gemm_f32.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.panel_gemm_f32.restype = None
+    lib.rms_norm_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr, ctypes.c_float, ptr, ctypes.c_int]
+    lib.rms_norm_f32.restype = None
+    lib.silu_and_mul_f32.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
+    lib.silu_and_mul_f32.restype = None
+    lib.rope_f32.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_int]
+    lib.rope_f32.restype = None
     return lib

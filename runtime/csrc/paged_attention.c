@@ -37,6 +37,16 @@ void paged_store_f32(const float *restrict k, const float *restrict v, /* [token
     }
 }
 
+/* Asks for the cache lines of one block of one head (head_block floats) ahead of their use:
+ * a block's 2 KB (16 tokens of 32 floats) lie apart from the previous block's, so the
+ * hardware prefetcher starts late on each, and a step's K/V, far larger than the caches when
+ * the weights stream through them too, comes from memory: 10-30% faster on the VM. */
+static inline __attribute__((always_inline)) void prefetch_block(const float *block,
+                                                                 int64_t head_block)
+{
+    for (int64_t i = 0; i < head_block; i += 16) __builtin_prefetch(block + i);
+}
+
 /* s[t] = e^(s[t] - top) for t < n, eight at a time; returns their sum. */
 static inline __attribute__((always_inline)) float exp_shifted(float *restrict s, int64_t n,
                                                                float top)
@@ -80,6 +90,10 @@ static inline __attribute__((always_inline)) int attend(
     for (int64_t t0 = 0; t0 < context; t0 += block_size) {
         const float *k = keys + (table[t0 / block_size] * kv_heads + h) * head_block;
         const int64_t n = context - t0 < block_size ? context - t0 : block_size;
+        /* the next block of keys, or after the last the first of values */
+        const float *next = t0 + block_size < context ? keys : values;
+        const int64_t after = t0 + block_size < context ? t0 / block_size + 1 : 0;
+        prefetch_block(next + (table[after] * kv_heads + h) * head_block, head_block);
         for (int64_t s = 0; s < n; s++, k += head_dim) {
             for (int64_t g = 0; g < group; g++) {
                 const float *qg = qh + g * head_dim;
@@ -99,6 +113,9 @@ static inline __attribute__((always_inline)) int attend(
     for (int64_t t0 = 0; t0 < context; t0 += block_size) {
         const float *v = values + (table[t0 / block_size] * kv_heads + h) * head_block;
         const int64_t n = context - t0 < block_size ? context - t0 : block_size;
+        if (t0 + block_size < context)
+            prefetch_block(values + (table[t0 / block_size + 1] * kv_heads + h) * head_block,
+                           head_block);
         for (int64_t s = 0; s < n; s++, v += head_dim) {
             for (int64_t g = 0; g < group; g++) {
                 float *og = oh + g * head_dim;

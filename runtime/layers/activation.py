@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,6 +13,20 @@ class SiluAndMul(nn.Module):
     """[..., 2 * d] (gate rows, then up rows, as the fused gate_up projection lays them out)
     -> [..., d]."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # runtime/native.py's library once a float32 CPU model is loaded (elementwise.c)
+        self.native: ctypes.CDLL | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        if self.native is None:
+            gate, up = x.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        if flat.dtype is not torch.float32:
+            raise TypeError(f"the C SiLU-and-multiply takes float32, not {flat.dtype}")
+        d = flat.shape[1] // 2
+        out = torch.empty(flat.shape[0], d)
+        self.native.silu_and_mul_f32(flat.data_ptr(), flat.shape[0], d, out.data_ptr(),
+                                     torch.get_num_threads())  # fmt: skip
+        return out.view(*x.shape[:-1], d)

@@ -1,6 +1,10 @@
-"""RMSNorm, computed in float32 as the reference implementations do."""
+"""RMSNorm, computed in float32 as the reference implementations do, with the residual add
+fused in when given one (vLLM's fused_add_rms_norm): the decoder passes its residual stream
+through the norms instead of adding it itself."""
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +19,39 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size))
         set_weight_loader(self)
+        # runtime/native.py's library once a float32 CPU model is loaded (elementwise.c)
+        self.native: ctypes.CDLL | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm(x) * weight; with a residual, (RMSNorm(x + residual) * weight, x + residual),
+        the sum being the next residual (the residual tensor may be updated in place)."""
+        if self.native is not None:
+            return self._native(x, residual)
+        if residual is not None:
+            x = residual = x + residual
         h = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
-        return (self.weight * h.to(x.dtype)).to(x.dtype)
+        out = (self.weight * h.to(x.dtype)).to(x.dtype)
+        return out if residual is None else (out, residual)
+
+    def _native(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        assert self.native is not None
+        width = x.shape[-1]
+        flat = x if x.dim() == 2 else x.reshape(-1, width)
+        if flat.dtype is not torch.float32:
+            raise TypeError(f"the C RMSNorm takes float32, not {flat.dtype}")
+        if flat.stride(1) != 1:  # rows may lie apart, each must be dense
+            flat = flat.contiguous()
+        if residual is not None and not residual.is_contiguous():
+            residual = residual.contiguous()
+        out = torch.empty(flat.shape[0], width)
+        self.native.rms_norm_f32(
+            flat.data_ptr(), flat.shape[0], width, flat.stride(0),
+            None if residual is None else residual.data_ptr(), self.weight.data_ptr(),
+            self.eps, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        normed = out if x.dim() == 2 else out.view(x.shape)
+        return normed if residual is None else (normed, residual)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,16 +37,32 @@ def _inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None) ->
 class Rope:
     """The rotation of one step's positions, looked up once and applied in every layer."""
 
-    cos: torch.Tensor  # [tokens, 1, head_dim]
+    cos: torch.Tensor  # [tokens, 1, head_dim], contiguous
     sin: torch.Tensor  # [tokens, 1, head_dim], first half negated (see RotaryEmbedding)
+    native: ctypes.CDLL | None = None  # runtime/native.py's library: rotate in elementwise.c
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x [tokens, heads, head_dim] rotated by its tokens' positions, in x's dtype."""
+        """x [tokens, heads, head_dim] rotated by its tokens' positions, in x's dtype. The C
+        path rotates x in place (q and k are views of the step's fresh qkv output)."""
+        if self.native is not None:
+            return self._native(x)
         h = x.float()
         half = h.shape[-1] // 2
         # rotate_half(h) * sin == roll(h, half) * (sin with its first half negated): one roll
         # instead of a chunk, a negation and a cat.
         return torch.addcmul(h * self.cos, h.roll(half, dims=-1), self.sin).to(x.dtype)
+
+    def _native(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.native is not None
+        if x.dtype is not torch.float32:
+            raise TypeError(f"the C rotary embedding takes float32, not {x.dtype}")
+        tokens, heads, head_dim = x.shape
+        if x.stride(2) != 1 or x.stride(1) != head_dim:  # tokens may lie apart, heads dense
+            x = x.contiguous()
+        self.native.rope_f32(x.data_ptr(), tokens, heads, x.stride(0), head_dim,
+                             self.cos.data_ptr(), self.sin.data_ptr(),
+                             torch.get_num_threads())  # fmt: skip
+        return x
 
 
 class RotaryEmbedding(nn.Module):
@@ -61,6 +78,10 @@ class RotaryEmbedding(nn.Module):
         self.sin: torch.Tensor
         self.register_buffer("cos", emb.cos().float(), persistent=False)
         self.register_buffer("sin", (emb.sin() * sign).float(), persistent=False)
+        # runtime/native.py's library once a float32 CPU model is loaded (elementwise.c)
+        self.native: ctypes.CDLL | None = None
 
     def forward(self, positions: torch.Tensor) -> Rope:
-        return Rope(self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+        # Indexing gives fresh contiguous rows, as the C path reads them.
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        return Rope(cos, sin, self.native)

@@ -99,10 +99,22 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, tp)
 
     def forward(
-        self, rope: Rope, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))  # type: ignore[no-any-return]
+        self,
+        rope: Rope,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it): the add of one layer's
+        output to the stream is the next norm's, fused into it (norm.py)."""
+        if residual is None:  # the first layer: the stream is the embedding
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(rope, x, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -138,9 +150,11 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states [tokens, hidden] of a flattened step (see attention/interface.py)."""
         x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary(positions)  # once per step, shared by every layer
+        residual = None
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(rope, x, cache, meta)
-        return self.model.norm(x)  # type: ignore[no-any-return]
+            x, residual = layer(rope, x, residual, cache, meta)
+        hidden, _ = self.model.norm(x, residual)
+        return hidden  # type: ignore[no-any-return]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits [rows, vocab] of the hidden rows the caller picked (those sampling);

@@ -14,6 +14,7 @@ from runtime.attention.reference import TorchAttention
 from runtime.config import ModelConfig, named_architecture
 from runtime.layers.linear import LinearBase, PanelWeight, pack_weights
 from runtime.loader import load_checkpoint, load_dummy
+from runtime.model_runner import use_cpu_kernels
 from runtime.models.llama import LlamaForCausalLM
 from tests.runtime.paged import prefill
 
@@ -64,9 +65,15 @@ def _reference_logits(model: transformers.PreTrainedModel) -> torch.Tensor:
     ],
     ids=["llama", "llama3-rope-tied", "linear-rope", "qwen2-bias", "qwen3-qk-norm-tied"],
 )
-def test_logits_match_transformers(tmp_path: Path, arch: str, extra: dict[str, object]) -> None:
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch-ops", "c-kernels"])
+def test_logits_match_transformers(
+    tmp_path: Path, arch: str, extra: dict[str, object], kernels: bool
+) -> None:
     expected = _reference_logits(_hf_checkpoint(tmp_path, arch, extra))
-    got = prefill(_ours(tmp_path), PROMPT)
+    model = _ours(tmp_path)
+    if kernels:  # as a float32 CPU engine runs it: norms, activation, rotary and linears in C
+        use_cpu_kernels(model, pack_linears=True)
+    got = prefill(model, PROMPT)
     assert (got - expected).abs().max().item() < TOLERANCE
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 

@@ -35,6 +35,9 @@ class Entry:
     git_dirty: bool | None
     started_at: str
     environment: dict[str, Any]  # the run's whole fingerprint: packages, CPU, GPUs, driver, CUDA
+    # What the engine computed with, e.g. "attention=cpu-kernel ...", or "" (also for
+    # manifests written before schema 3, which did not record it).
+    kernels: str = ""
 
 
 def engine_knobs(config_yaml: str) -> str:
@@ -43,6 +46,13 @@ def engine_knobs(config_yaml: str) -> str:
     # log_level changes what the engine prints, not how it serves.
     knobs = sorted((k, v) for k, v in runtime.items() if v is not None and k != "log_level")
     return " ".join(f"{k}={v}" for k, v in knobs)
+
+
+def kernels_of(kernels_json: object) -> str:
+    """A run's engine_kernels_json as `k=v` pairs; "" where the server did not report them."""
+    if not isinstance(kernels_json, str):  # null: None or NaN, as pandas reads it
+        return ""
+    return " ".join(f"{k}={v}" for k, v in json.loads(str(kernels_json)).items())
 
 
 def entry_of(runs: pd.DataFrame, where: Path) -> Entry:
@@ -56,6 +66,7 @@ def entry_of(runs: pd.DataFrame, where: Path) -> Entry:
         model=str(first["model"]),
         target_kind=str(first["target_kind"]),
         engine=engine_knobs(str(first["config_yaml"])),
+        kernels=kernels_of(first["engine_kernels_json"]),
         workload_hash=str(first["workload_hash"]),
         hardware_key=str(first["hardware_key"]),
         git_commit=None if pd.isna(first["git_commit"]) else str(first["git_commit"]),

@@ -128,6 +128,7 @@ def load_side(label: str, source: str, run_dirs: Sequence[Path]) -> Loaded:
         model=", ".join(sorted({e.model for e in entries})),
         target_kind=", ".join(sorted({e.target_kind for e in entries})),
         engine=", ".join(sorted({e.engine for e in entries} - {""})),
+        kernels=", ".join(sorted({e.kernels for e in entries} - {""})),
         git_commit=entries[0].git_commit,
         git_dirty=any(bool(e.git_dirty) for e in entries),
         hardware_key=", ".join(sorted({e.hardware_key for e in entries})),

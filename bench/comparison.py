@@ -32,6 +32,7 @@ class Side:
     model: str
     target_kind: str
     engine: str  # the engine knobs that differ from defaults, e.g. "quantization=int8", or ""
+    kernels: str  # what the engine computed with ("attention=cpu-kernel ..."), or ""
     git_commit: str | None
     git_dirty: bool | None
     hardware_key: str

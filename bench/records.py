@@ -12,7 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,7 @@ class RunRecord:
     peak_rss_mib: float | None  # managed server process tree, the CPU stand-in for VRAM
     load_time_s: float | None  # managed server: spawn to first healthy response
     load_breakdown_json: str | None  # the engine's own phases (read, place, KV cache, warm-up)
+    engine_kernels_json: str | None  # what the engine computes with, as its model card says
     target_kind: str
     base_url: str
     model: str

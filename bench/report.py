@@ -313,6 +313,7 @@ def _sides_table(c: Comparison) -> Table:
         ["model", b.model, k.model],
         ["target", b.target_kind, k.target_kind],
         ["engine knobs", b.engine or "defaults", k.engine or "defaults"],
+        ["kernels", b.kernels or "not reported", k.kernels or "not reported"],
         ["git commit", _commit(b), _commit(k)],
         ["hardware", b.hardware_key, k.hardware_key],
         ["started", _time(b.started_at), _time(k.started_at)],

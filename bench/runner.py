@@ -211,6 +211,9 @@ class _Run:
                 if self.server.load_breakdown is None
                 else json.dumps(self.server.load_breakdown, sort_keys=True)
             ),
+            engine_kernels_json=(
+                None if self.server.kernels is None else json.dumps(self.server.kernels)
+            ),
             target_kind=cfg.target.kind,
             base_url=self.server.base_url,
             model=self.server.model,

@@ -38,6 +38,7 @@ class Server:
     load_time_s: float | None  # None for servers the harness did not start
     process: subprocess.Popen[bytes] | None = None
     load_breakdown: dict[str, float] | None = None  # the engine's own, where it reports one
+    kernels: dict[str, str] | None = None  # what computes its steps, where it reports it
 
     def exit_code(self) -> int | None:
         """For a managed server: its exit code once it has died, else None."""
@@ -95,17 +96,21 @@ def _pick_model(base_url: str, cards: list[dict[str, Any]], model: str | None) -
     return model
 
 
-def resolve_model(base_url: str, model: str | None, api_key: str | None) -> str:
-    """Check the server answers and serves `model` (or pick its first model)."""
-    return _pick_model(base_url, _model_cards(base_url, api_key), model)
-
-
 def _load_breakdown(cards: list[dict[str, Any]], model: str) -> dict[str, float] | None:
     """The engine's own account of its load time, where its model card carries one (the
     bundled engine's does)."""
     for card in cards:
         if card["id"] == model and isinstance(card.get("load_breakdown"), dict):
             return {k: float(v) for k, v in card["load_breakdown"].items()}
+    return None
+
+
+def _kernels(cards: list[dict[str, Any]], model: str) -> dict[str, str] | None:
+    """What the engine computes its steps with (attention backend, linear kernel, ...), where
+    its model card says (the bundled engine's does): a silent fallback shows in the records."""
+    for card in cards:
+        if card["id"] == model and isinstance(card.get("kernels"), dict):
+            return {str(k): str(v) for k, v in card["kernels"].items()}
     return None
 
 
@@ -148,8 +153,9 @@ def serve(target: TargetConfig) -> Iterator[Server]:
     """Yield a ready server; a managed one is stopped (SIGTERM, then SIGKILL) on exit."""
     if not target.managed:
         assert target.base_url is not None
-        model = resolve_model(target.base_url, target.model, target.api_key)
-        yield Server(target.base_url, model, None)
+        cards = _model_cards(target.base_url, target.api_key)
+        model = _pick_model(target.base_url, cards, target.model)
+        yield Server(target.base_url, model, None, kernels=_kernels(cards, model))
         return
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}"
@@ -162,9 +168,10 @@ def serve(target: TargetConfig) -> Iterator[Server]:
     try:
         _wait_healthy(proc, base_url, target.startup_timeout_s)
         load_time_s = time.monotonic() - spawned
-        cards = _model_cards(base_url, None)  # once: the model and its load breakdown
+        cards = _model_cards(base_url, None)  # once: the model and what it reports of itself
         model = _pick_model(base_url, cards, target.model)
-        yield Server(base_url, model, load_time_s, proc, _load_breakdown(cards, model))
+        yield Server(base_url, model, load_time_s, proc, _load_breakdown(cards, model),
+                     _kernels(cards, model))  # fmt: skip
     finally:
         proc.terminate()
         try:

@@ -55,6 +55,10 @@ class EngineCore(Protocol):
         """How loading went, seconds per phase (and sizes), for the harness to record."""
         ...
 
+    def kernels(self) -> dict[str, str]:
+        """What computes attention, linears, element-wise ops and graphs (model_runner.py)."""
+        ...
+
     def close(self) -> None:
         """Release what the core holds beyond this process (tensor-parallel worker ranks);
         called once the engine thread has stopped."""

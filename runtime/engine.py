@@ -145,6 +145,9 @@ class Engine:
     def load_breakdown(self) -> dict[str, float]:
         return dataclasses.asdict(self.load)
 
+    def kernels(self) -> dict[str, str]:
+        return self.runner.kernels()
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Offline: run prompts to completion together; their output token ids, in order."""
         ids = [self.add_request(p, params) for p in prompts]

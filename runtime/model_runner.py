@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -30,7 +31,7 @@ from runtime.layers.linear import pack_weights
 from runtime.layers.norm import RMSNorm
 from runtime.layers.rotary import RotaryEmbedding
 from runtime.loader import LoadTimes, load_checkpoint, load_dummy
-from runtime.models.llama import LlamaForCausalLM, kv_heads_per_rank
+from runtime.models.llama import DecoderLayer, LlamaForCausalLM, kv_heads_per_rank
 from runtime.native import KernelUnavailableError, load_kernels
 from runtime.parallel import TensorParallel
 from runtime.quantization import quantize
@@ -81,6 +82,19 @@ class ModelRunner:
         shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.graphs: DecodeGraphs | None = None  # set by capture_graphs
+
+    def kernels(self) -> dict[str, str]:
+        """What computes each part of a step, as chosen at load: a fallback (no compiler, no
+        Triton) shows here, and the harness records it beside the figures."""
+        layer = cast(DecoderLayer, self.model.model.layers[0])  # every layer chose the same
+        matmul = layer.mlp.down_proj.matmul
+        return {
+            "attention": layer.self_attn.backend.name,
+            "linear": "torch" if matmul is None else str(matmul.kernel_name),
+            "elementwise": "torch" if layer.input_layernorm.native is None else "c",
+            "cuda_graphs": "off" if self.graphs is None
+            else ",".join(map(str, self.graphs.sizes)),
+        }  # fmt: skip
 
     def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> float:
         """Capture decode steps' CUDA graphs (runtime/cuda_graphs.py); seconds it took."""
@@ -273,4 +287,6 @@ def load_runner(
             "enforce_eager" if cfg.enforce_eager else f"{backend.name} attention cannot be captured"
         )
         log.info("decode runs eagerly (%s)", why)
+    if tp.rank == 0:
+        log.info("kernels: %s", " ".join(f"{k}={v}" for k, v in runner.kernels().items()))
     return LoadedRunner(runner, times, quantize_s, profile_s, kv_cache_s, graph_capture_s)

@@ -109,6 +109,8 @@ class Int8Weight(nn.Module):
     """A linear layer's weight as int8 [out, in] and one scale per output row (the scale in the
     model's dtype, as the kernel wants it)."""
 
+    kernel_name = "int8"  # what ModelRunner.kernels() reports
+
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         q, scale = quantize_int8(weight)
@@ -127,6 +129,8 @@ class Int8Weight(nn.Module):
 class Int4Weight(nn.Module):
     """A linear layer's weight as int4, two a byte in the CPU kernel's layout [out, in / 2],
     with a scale and a zero per group of inputs."""
+
+    kernel_name = "int4"  # what ModelRunner.kernels() reports
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()

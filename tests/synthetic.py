@@ -106,6 +106,7 @@ def run_record(**fields: Any) -> RunRecord:
         "peak_rss_mib": 600.0,
         "load_time_s": None,
         "load_breakdown_json": None,
+        "engine_kernels_json": None,
         "target_kind": "bundled",
         "base_url": "http://x",
         "model": "tiny",

@@ -32,6 +32,10 @@ def test_bundled_engine_is_started_with_its_knobs_and_measured(tmp_path: Path) -
     breakdown = json.loads(run["load_breakdown_json"])
     assert {"read_s", "place_s", "kv_cache_s", "warmup_s"} <= set(breakdown)
     assert breakdown["kv_cache_bytes"] > 0
+    # A float32 CPU engine with a compiler runs every C kernel; a fallback would show here.
+    assert json.loads(run["engine_kernels_json"]) == {
+        "attention": "cpu-kernel", "linear": "panel-gemm", "elementwise": "c", "cuda_graphs": "off",
+    }  # fmt: skip
     # The server's own timings came back with every request, and fit inside the client's view.
     for column in ("server_queue_ms", "server_prefill_ms", "server_decode_ms", "server_e2e_ms"):
         assert requests[column].notna().all(), column

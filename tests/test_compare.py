@@ -168,6 +168,19 @@ def test_a_baseline_keeps_one_run_per_scenario_and_is_found_by_name(
         baseline.save(first, "../evil", root)
 
 
+def test_saving_into_a_baseline_whose_manifest_predates_kernels_works(
+    real_run: Path, tmp_path: Path
+) -> None:
+    # A manifest written before schema 3 has no "kernels" in its entries: saving the new run
+    # of another scenario beside them must not fail on it.
+    home = baseline.save(real_run, "main", tmp_path)
+    manifest = json.loads((home / "manifest.json").read_text())
+    old = {k: v for k, v in manifest["runs"][0].items() if k != "kernels"}
+    (home / "manifest.json").write_text(json.dumps({**manifest, "runs": [old]}))
+    again = baseline.save(real_run, "main", tmp_path)
+    assert "kernels" in json.loads((again / "manifest.json").read_text())["runs"][0]
+
+
 def test_interleaved_ab_runs_both_builds_alternately_and_compares_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

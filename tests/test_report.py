@@ -105,6 +105,7 @@ def _side(label: str, source: str) -> Side:
         model="tiny",
         target_kind="bundled",
         engine="quantization=int8" if label != "baseline" else "",
+        kernels="attention=cpu-kernel linear=" + ("int8" if label != "baseline" else "panel-gemm"),
         git_commit="0123456789abcdef",
         git_dirty=label != "baseline",
         hardware_key="cpu",
@@ -187,6 +188,11 @@ def test_the_counts_line_says_how_many_rows_improved_regressed_and_did_not_chang
     ab: dict[str, Path],
 ) -> None:
     assert "1 improved · 2 regressed · 6 unchanged" in _md(ab)
+
+
+def test_the_sides_table_says_what_each_build_computed_with(ab: dict[str, Path]) -> None:
+    # e.g. a candidate whose attention fell back to torch must not pass for a faster kernel
+    assert _line_of(_md(ab), "| kernels |", "linear=panel-gemm", "linear=int8")
 
 
 def test_a_regression_beyond_the_gate_says_the_comparison_fails(ab: dict[str, Path]) -> None:

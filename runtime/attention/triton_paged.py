@@ -6,12 +6,15 @@ run of whole rows.
 
 - `_store_kernel` writes a step's new keys and values into their slots, one program per token;
   a slot < 0 (a padding row of a CUDA-graph batch) writes nothing.
-- `_decode_kernel` is flash-decoding over the block table: one program per (sequence, K/V head)
-  walks the context tile by tile with an online softmax in float32, for all the query heads of
-  that K/V head's GQA group at once, so each K/V byte is read once per group. A context of
-  length 0 (a padding row) reads nothing and outputs zeros. Not yet done: flash-decoding's
-  split of one context over several programs; with few (sequence, K/V head) pairs (batch 1 of
-  a model with 8 K/V heads: 8 programs for 132 SMs) most of the GPU waits.
+- `_decode_kernel` is flash-decoding over the block table: a program per (sequence, K/V head,
+  split) walks its part of the context tile by tile with an online softmax in float32, for all
+  the query heads of that K/V head's GQA group at once, so each K/V byte is read once per
+  group. A context of length 0 (a padding row) reads nothing and outputs zeros.
+- Splits: with few (sequence, K/V head) pairs (batch 1 of a model with 8 K/V heads: 8 programs
+  for 132 SMs) most of the GPU would wait, so each context is cut into PARTITION-token parts,
+  one program each, and `_combine_kernel` merges the parts' (max, sum, output) as
+  flash-decoding does (vLLM's paged attention v2). Whether to split is decided from shapes
+  alone (the block table's width bounds the context), so a step stays capturable.
 
 Graph safety: a step in which every sequence decodes must not synchronise with the host, as it
 is captured in CUDA graphs and replayed with new metadata. The reference's `forward` tells it
@@ -40,6 +43,10 @@ from runtime.attention.reference import TorchAttention
 # TF32 would miss the reference by ~1e-3.
 MIN_DOT = 16
 MAX_TILE = 64  # keys per step of the online softmax: bounds the registers a program holds
+PARTITION = 512  # context tokens per program when contexts are split (vLLM v2's size)
+# Split when there are fewer (sequence, K/V head) programs than this many per SM: below it the
+# GPU has SMs idle for the whole step.
+PROGRAMS_PER_SM = 2
 
 
 # Kernel arguments are annotated tl.tensor, what Triton passes them as (scalars included);
@@ -73,16 +80,21 @@ def _store_kernel(
 @triton.jit  # type: ignore[untyped-decorator, misc]
 def _decode_kernel(
     q_ptr: tl.tensor, k_cache_ptr: tl.tensor, v_cache_ptr: tl.tensor, table_ptr: tl.tensor,
-    lens_ptr: tl.tensor, out_ptr: tl.tensor, qk_scale: tl.tensor,
+    lens_ptr: tl.tensor, out_ptr: tl.tensor, part_ptr: tl.tensor, stats_ptr: tl.tensor,
+    qk_scale: tl.tensor,
     stride_qt: tl.tensor, stride_qh: tl.tensor, stride_ot: tl.tensor, stride_oh: tl.tensor,
     stride_table: tl.tensor, stride_cb: tl.tensor, stride_ch: tl.tensor, stride_cs: tl.tensor,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     GROUP_P2: tl.constexpr, HEAD_DIM_P2: tl.constexpr, TILE: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, SPLITS: tl.constexpr, PART_TOKENS: tl.constexpr,
 ) -> None:  # fmt: skip
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
     context = tl.load(lens_ptr + seq)
+    # This program's keys: [first, last). With one split, the whole context.
+    first = split * PART_TOKENS
+    last = tl.minimum(context, first + PART_TOKENS) if SPLITS > 1 else context
     rows = tl.arange(0, GROUP_P2)  # query heads kv_head * GROUP + row, as SDPA's enable_gqa
     dims = tl.arange(0, HEAD_DIM_P2)
     keys = tl.arange(0, TILE)
@@ -96,11 +108,11 @@ def _decode_kernel(
     m = tl.full([GROUP_P2], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_P2], tl.float32)  # noqa: E741 (the softmax's usual name)
     acc = tl.zeros([GROUP_P2, HEAD_DIM_P2], tl.float32)
-    # Runs cdiv(context, TILE) times: none for a padding row, and never past a context's last
-    # block, so the table's -1 padding is never read.
-    for start in range(0, context, TILE):
+    # Runs cdiv(last - first, TILE) times: none for a padding row or a split past the context,
+    # and never past a context's last block, so the table's -1 padding is never read.
+    for start in range(first, last, TILE):
         pos = start + keys
-        valid = pos < context
+        valid = pos < last
         if BLOCK_SIZE % TILE == 0:
             # The tile lies in one block (block sizes 16, 32, ...): one table read, and the
             # tile is one contiguous run of memory.
@@ -134,10 +146,48 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + pv
         m = m_new
 
-    # An empty context leaves l == 0 and acc == 0: output zeros, not 0 / 0.
-    out = acc / tl.where(l > 0.0, l, 1.0)[:, None]
-    tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=real)  # fmt: skip
+    if SPLITS == 1:
+        # An empty context leaves l == 0 and acc == 0: output zeros, not 0 / 0.
+        out = acc / tl.where(l > 0.0, l, 1.0)[:, None]
+        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=real)  # fmt: skip
+    else:
+        # This part's unnormalised output and its (max, sum) in float32, for _combine_kernel:
+        # parts [seqs, heads, SPLITS, HEAD_DIM_P2], stats [seqs, heads, SPLITS, 2].
+        at = (seq * GROUP * tl.num_programs(1) + heads) * SPLITS + split
+        tl.store(part_ptr + at[:, None] * HEAD_DIM_P2 + dims[None, :], acc,
+                 mask=rows[:, None] < GROUP)  # fmt: skip
+        tl.store(stats_ptr + at * 2, m, mask=rows < GROUP)
+        tl.store(stats_ptr + at * 2 + 1, l, mask=rows < GROUP)
+
+
+@triton.jit  # type: ignore[untyped-decorator, misc]
+def _combine_kernel(
+    part_ptr: tl.tensor, stats_ptr: tl.tensor, out_ptr: tl.tensor,
+    stride_ot: tl.tensor, stride_oh: tl.tensor,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, SPLITS: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+) -> None:  # fmt: skip
+    """One program per (sequence, query head): out = sum_i e^(m_i - M) acc_i / sum_i
+    e^(m_i - M) l_i over its parts, M the largest m_i; a part that saw no key has m = -inf and
+    weighs 0, and a context with no key at all outputs zeros."""
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    parts = tl.arange(0, SPLITS_P2)
+    dims = tl.arange(0, HEAD_DIM_P2)
+    row = (seq * tl.num_programs(1) + head) * SPLITS + parts
+    have = parts < SPLITS
+    m = tl.load(stats_ptr + row * 2, mask=have, other=float("-inf"))
+    l = tl.load(stats_ptr + row * 2 + 1, mask=have, other=0.0)  # noqa: E741
+    top = tl.max(m, axis=0)
+    weight = tl.where(m > float("-inf"), tl.exp2(m - tl.where(top > float("-inf"), top, 0.0)),
+                      0.0)  # fmt: skip
+    acc = tl.load(part_ptr + row[:, None] * HEAD_DIM_P2 + dims[None, :], mask=have[:, None],
+                  other=0.0)  # fmt: skip
+    total = tl.sum(weight * l, axis=0)
+    out = tl.sum(weight[:, None] * acc, axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dims < HEAD_DIM)  # fmt: skip
 
 
 # The interpreter keeps bfloat16 as raw uint16 bits and multiplies those in tl.dot
@@ -174,36 +224,65 @@ def store_kv(
     )  # fmt: skip
 
 
+def splits_for(programs: int, max_context: int, device: torch.device,
+               partition: int = PARTITION) -> int:  # fmt: skip
+    """How many parts each context is cut into: 1 when the (sequence, K/V head) programs
+    already fill the GPU, else enough parts of `partition` tokens to cover `max_context` (the
+    longest a context can be, from the block table's width: shapes only, no host sync)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # Triton's interpreter: a GPU-sized count, so the tests take the same decisions
+        sms = 132
+    if programs >= PROGRAMS_PER_SM * sms:
+        return 1
+    return max(1, -(-max_context // partition))
+
+
 def paged_decode(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    partition: int = PARTITION,
 ) -> torch.Tensor:
     """Attention of one query token per sequence ([seqs, heads, head_dim]) over its context.
 
     Reads block_tables[i, :cdiv(context_lens[i], block_size)] only: entries past those (-1
     padding) may hold anything. A sequence with context_lens[i] == 0 outputs zeros.
+    `partition` (tokens per split, a multiple of the tile) is a parameter for the tests.
     """
     seqs, heads, head_dim = q.shape
     _, _, kv_heads, block_size, _ = kv_cache.shape
     assert heads % kv_heads == 0, f"{heads} query heads do not split into {kv_heads} K/V heads"
     assert q.stride(-1) == 1 and kv_cache.is_contiguous() and block_tables.stride(-1) == 1
     group = heads // kv_heads
+    tile = min(_p2(block_size, MIN_DOT), MAX_TILE)
+    assert partition % tile == 0, f"partition {partition} is not a multiple of the tile {tile}"
+    splits = splits_for(seqs * kv_heads, block_tables.shape[1] * block_size, q.device, partition)
     out = torch.empty_like(q)
+    dim_p2 = _p2(head_dim, MIN_DOT)
+    # The parts' outputs and (max, sum): used only when splitting (a 1-element stand-in else).
+    shape = (seqs, heads, splits) if splits > 1 else (1, 1, 1)
+    parts = torch.empty(*shape, dim_p2, dtype=torch.float32, device=q.device)
+    stats = torch.empty(*shape, 2, dtype=torch.float32, device=q.device)
     key_cache, value_cache = kv_cache[0], kv_cache[1]
-    _decode_kernel[(seqs, kv_heads)](
-        q, key_cache, value_cache, block_tables, context_lens.contiguous(), out,
+    _decode_kernel[(seqs, kv_heads, splits)](
+        q, key_cache, value_cache, block_tables, context_lens.contiguous(), out, parts, stats,
         scale * math.log2(math.e),  # the softmax runs in exp2
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         GROUP_P2=_p2(group, MIN_DOT), HEAD_DIM_P2=_p2(head_dim, MIN_DOT),
-        TILE=min(_p2(block_size, MIN_DOT), MAX_TILE),
-        DOT_F32=q.dtype == torch.float32 or _INTERPRETED,
+        TILE=tile, DOT_F32=q.dtype == torch.float32 or _INTERPRETED,
+        SPLITS=splits, PART_TOKENS=partition,
         num_warps=4,
     )  # fmt: skip
+    if splits > 1:
+        _combine_kernel[(seqs, heads)](
+            parts, stats, out, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, HEAD_DIM_P2=dim_p2, SPLITS=splits, SPLITS_P2=_p2(splits),
+        )  # fmt: skip
     return out
 
 

@@ -64,6 +64,8 @@ class PanelWeight(nn.Module):
     than torch's MKL call at decode's few rows, 1.7-2x at 32 and no slower at prefill's
     thousands, because MKL repacks W on every call (benchmarks/cpu_matmul.py)."""
 
+    kernel_name = "panel-gemm"  # what ModelRunner.kernels() reports
+
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         out, width = weight.shape

@@ -74,6 +74,9 @@ class FakeCore:
     def load_breakdown(self) -> dict[str, float]:
         return {"read_s": 0.0}
 
+    def kernels(self) -> dict[str, str]:
+        return {"attention": "fake"}
+
     def stats(self) -> EngineStats:
         return EngineStats(
             len(self.scheduler.running),

@@ -83,3 +83,7 @@ def test_without_a_compiler_the_model_runs_torchs_operators_and_the_log_says_why
     assert layers and all(m.matmul is None and m.weight is not None for m in layers)
     assert "the model runs torch's operators" in caplog.text
     assert "no C compiler on PATH" in caplog.text
+    # ... and says so to the harness, which records it beside the figures
+    assert engine.kernels() == {
+        "attention": "torch", "linear": "torch", "elementwise": "torch", "cuda_graphs": "off",
+    }  # fmt: skip

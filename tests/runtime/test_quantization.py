@@ -205,5 +205,7 @@ def test_load_breakdown_reports_quantisation_time_and_smaller_weights(
         breakdown = engine.load_breakdown()
         assert breakdown["quantize_s"] > 0
         assert all(isinstance(m.matmul, METHODS[method]) for m in _layers(engine))
+        assert engine.kernels()["linear"] == method
+        assert engine.kernels()["elementwise"] == "c"  # norms etc. stay in C when quantised
         assert breakdown["weight_bytes"] < float_engine.load_breakdown()["weight_bytes"]
         assert float_linear / _linear_bytes(engine) >= ratio

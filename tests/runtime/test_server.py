@@ -262,7 +262,7 @@ def test_a_failed_load_keeps_health_at_503_and_says_why(tok: PreTrainedTokenizer
         served.close()
 
 
-def test_models_lists_the_served_name_with_max_model_len_and_load_breakdown(
+def test_models_lists_the_served_name_with_max_model_len_load_breakdown_and_kernels(
     serve_fake: ServeFake,
 ) -> None:
     served, _ = serve_fake(max_model_len=200)
@@ -273,6 +273,7 @@ def test_models_lists_the_served_name_with_max_model_len_and_load_breakdown(
     assert (card["id"], card["object"]) == (MODEL, "model")
     assert card["max_model_len"] == 200
     assert card["load_breakdown"] == {"read_s": 0.0}
+    assert card["kernels"] == {"attention": "fake"}
 
 
 # --- completions -----------------------------------------------------------------------------

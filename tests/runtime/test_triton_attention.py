@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 from runtime.attention.interface import AttentionMetadata
 from runtime.attention.reference import TorchAttention
-from runtime.attention.triton_paged import TritonAttention, store_kv
+from runtime.attention.triton_paged import TritonAttention, paged_decode, splits_for, store_kv
 from runtime.models.llama import LlamaForCausalLM
 from tests.runtime.paged import Chunk, new_caches, run_step, small_llama
 from tests.runtime.test_attention_backends import decode_step
@@ -71,6 +71,38 @@ def test_decode_equals_the_reference(
     want = TorchAttention().forward(q, k, v, cache.clone(), meta, head_dim**-0.5)
     got = _triton(q, k, v, cache.clone(), meta, head_dim**-0.5)
     assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize(("block_size", "partition"), [(16, 64), (4, 32), (64, 64)])
+def test_contexts_split_over_programs_combine_to_the_reference(
+    block_size: int, partition: int
+) -> None:
+    # Contexts in one part, ending on a part's edge, spanning several, an empty one (a padding
+    # row: every part sees no key), and the longest setting how many parts there are.
+    contexts = [1, partition, partition + 1, 3 * partition - 5, 0, 5 * partition]
+    q, k, v, cache, meta = decode_step([max(c, 1) for c in contexts], 8, 2, 32, block_size)
+    meta = dataclasses.replace(meta, context_lens=torch.tensor(contexts))  # row 4 now empty
+    TorchAttention()._write(k, v, cache, meta.slot_mapping)  # the new tokens, as forward does
+    on = [t.to(DEVICE) for t in (q, cache, meta.block_tables, meta.context_lens)]
+    got = paged_decode(*on, 32**-0.5, partition=partition).cpu()
+    assert splits_for(6 * 2, meta.block_tables.shape[1] * block_size, DEVICE, partition) > 1
+    for i, context in enumerate(contexts):
+        if context == 0:
+            assert torch.equal(got[i], torch.zeros_like(got[i]))
+            continue
+        blocks = meta.block_tables[i, : -(-context // block_size)]
+        keys, values = (cache[j, blocks].transpose(0, 1).reshape(2, -1, 32)[:, :context]
+                        for j in (0, 1))  # fmt: skip
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[i][:, None], keys, values, scale=32**-0.5, enable_gqa=True
+        )[:, 0]
+        assert (got[i] - want).abs().max().item() < 1e-5, (i, context)
+
+
+def test_programs_that_fill_the_gpu_are_not_split() -> None:
+    assert splits_for(1 * 8, 4096, torch.device("cpu")) == 8  # batch 1, 8 K/V heads: 8 parts
+    assert splits_for(64 * 8, 4096, torch.device("cpu")) == 1  # 512 programs: enough
+    assert splits_for(8, 100, torch.device("cpu")) == 1  # a short context is one part anyway
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -37,7 +37,8 @@ environment:
   RUNTIME_ATTENTION_BACKEND=auto|torch|cpu-kernel|triton|flash-attn
                                  attention kernels (auto: flash-attn, else Triton on CUDA;
                                  the C kernel for float32 on the CPU; the log says which)
-  RUNTIME_KERNEL_CACHE=DIR       where the CPU kernel is built (~/.cache/llm-serving-bench)
+  RUNTIME_KERNEL_CACHE=DIR       where the C kernels for the CPU are built
+                                 (~/.cache/llm-serving-bench/kernels)
 """
 
 

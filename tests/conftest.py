@@ -52,6 +52,19 @@ def refserver(tmp_path: Path) -> Iterator[Callable[..., RefServer]]:
         proc.wait(timeout=10)
 
 
+@pytest.fixture
+def no_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """The C kernels as on a machine without a C compiler (CC names nothing, and an empty
+    kernel cache); later tests load the real build again."""
+    from runtime import native
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "kernels"))
+    native.load_kernels.cache_clear()
+    yield
+    native.load_kernels.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def word_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real Hugging Face tokenizer directory, built offline: one token per whitespace word."""

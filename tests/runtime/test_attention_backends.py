@@ -120,17 +120,12 @@ def test_forcing_the_kernel_for_bfloat16_is_refused(no_backend_env: pytest.Monke
         select_backend(CPU, torch.bfloat16, 16)
 
 
+@pytest.mark.usefixtures("no_compiler")
 def test_without_a_compiler_the_reference_runs_and_the_log_says_why(
-    no_backend_env: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    no_backend_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    no_backend_env.setenv("CC", str(tmp_path / "no-such-cc"))
-    no_backend_env.setenv(native.CACHE_ENV, str(tmp_path / "kernels"))
-    native.load_kernels.cache_clear()
-    try:
-        with caplog.at_level("INFO", logger="runtime.attention.selection"):
-            backend = select_backend(CPU, torch.float32, 16)
-    finally:
-        native.load_kernels.cache_clear()  # later tests build with the real compiler
+    with caplog.at_level("INFO", logger="runtime.attention.selection"):
+        backend = select_backend(CPU, torch.float32, 16)
     assert type(backend) is TorchAttention
     assert "no C compiler on PATH" in caplog.text
 

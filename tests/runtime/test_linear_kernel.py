@@ -4,13 +4,11 @@ torch's matmul, and what the engine does when it cannot be built."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime import native
 from runtime.config import EngineConfig
 from runtime.engine import Engine
 from runtime.layers.linear import LinearBase, PanelWeight
@@ -68,17 +66,12 @@ def test_other_dtypes_are_refused_not_misread() -> None:
         packed(torch.randn(2, 8, dtype=torch.float64))
 
 
+@pytest.mark.usefixtures("no_compiler")
 def test_without_a_compiler_the_model_runs_torchs_operators_and_the_log_says_why(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "kernels"))
-    native.load_kernels.cache_clear()
-    try:
-        with caplog.at_level(logging.INFO, logger="runtime.model_runner"):
-            engine = Engine(EngineConfig(model="tiny", max_model_len=128, num_kv_blocks=32))
-    finally:
-        native.load_kernels.cache_clear()  # later tests build with the real compiler
+    with caplog.at_level(logging.INFO, logger="runtime.model_runner"):
+        engine = Engine(EngineConfig(model="tiny", max_model_len=128, num_kv_blocks=32))
     layers = [m for m in engine.runner.model.modules() if isinstance(m, LinearBase)]
     assert layers and all(m.matmul is None and m.weight is not None for m in layers)
     assert "the model runs torch's operators" in caplog.text

@@ -1,8 +1,10 @@
 """Decode- and prefill-shaped matmuls, float vs the int8/int4 weight-only builds, on this CPU.
 
-For each shape [rows, in] x [in, out]: the float32 matmul, and each quantised weight through
-both of its paths (runtime/quantization.py): the weight-only kernel (used up to
-KERNEL_MAX_ROWS rows) and dequantise-then-matmul (used above). Time is the best of several
+For each shape [rows, in] x [in, out]: the float32 matmul (torch's, and the engine's panel
+kernel that a float32 CPU model runs), and each quantised weight through its paths
+(runtime/quantization.py): torch's weight-only kernel (used up to KERNEL_MAX_ROWS rows),
+dequantise-then-matmul (used above), and for int8 the panel kernel, which a float32 CPU
+engine runs instead of both. Time is the best of several
 rounds (other processes only ever add time); beside it the weight bytes the call must read
 and the bandwidth that implies, the roofline of a memory-bound decode matmul.
 
@@ -22,7 +24,8 @@ from rich.console import Console
 from rich.table import Table
 
 from runtime import quantization
-from runtime.quantization import Int4Weight, Int8Weight, weight_bytes
+from runtime.layers.linear import PanelWeight
+from runtime.quantization import Int4Weight, Int8PanelWeight, Int8Weight, weight_bytes
 
 SHAPES = [(1, 256, 768), (32, 256, 768), (1, 4096, 4096), (32, 4096, 4096)]
 
@@ -66,14 +69,20 @@ def main() -> None:
             x = torch.randn(rows, width)
             float_us = best_us(functools.partial(F.linear, x, w))
             cases: list[tuple[str, str, float, int]] = [
-                ("float32", "dense", float_us, w.numel() * w.element_size())
-            ]
+                ("float32", "dense", float_us, w.numel() * w.element_size()),
+                ("float32", "panel", best_us(functools.partial(PanelWeight(w), x)),
+                 w.numel() * w.element_size()),
+            ]  # fmt: skip
             for name, cls in (("int8", Int8Weight), ("int4", Int4Weight)):
                 q = cls(w)
                 size = weight_bytes(q)
                 for path, kernel in (("kernel", True), ("dequantise", False)):
                     us = best_us(functools.partial(forced, q, x, kernel))
                     cases.append((name, path, us, size))
+                if isinstance(q, Int8Weight):
+                    panel = Int8PanelWeight(q)
+                    us = best_us(functools.partial(panel, x))
+                    cases.append((name, "panel", us, weight_bytes(panel)))
             for name, path, us, size in cases:
                 table.add_row(
                     f"{rows} x {width} x {out}", name, path, f"{us:,.0f}",

@@ -34,7 +34,7 @@ from runtime.loader import LoadTimes, load_checkpoint, load_dummy
 from runtime.models.llama import DecoderLayer, LlamaForCausalLM, kv_heads_per_rank
 from runtime.native import KernelUnavailableError, load_kernels
 from runtime.parallel import TensorParallel
-from runtime.quantization import quantize
+from runtime.quantization import pack_int8_weights, quantize
 from runtime.scheduler import Scheduled, Step
 from runtime.sequence import SamplingParams, Sequence
 
@@ -198,16 +198,19 @@ def _profile_memory(
     return MemoryProfile(total, weights, max(0, peak), max(0, non_torch))
 
 
-def use_cpu_kernels(model: LlamaForCausalLM, pack_linears: bool) -> None:
-    """Float32 on the CPU: norms, activation and rotary in runtime/csrc/elementwise.c and,
-    unless quantised, the linear layers' weights packed for panel_gemm.c. Raises
-    KernelUnavailableError, changing nothing, where the kernels cannot be built."""
+def use_cpu_kernels(model: LlamaForCausalLM, quantization: str | None) -> None:
+    """Float32 on the CPU: norms, activation and rotary in runtime/csrc/elementwise.c, and
+    the linear layers' float or int8 weights packed for panel_gemm.c (int4 keeps torch's
+    kernel). Raises KernelUnavailableError, changing nothing, where the kernels cannot be
+    built."""
     lib = load_kernels()
     for module in model.modules():
         if isinstance(module, RMSNorm | SiluAndMul | RotaryEmbedding):
             module.native = lib
-    if pack_linears:
+    if quantization is None:
         pack_weights(model)
+    elif quantization == "int8":
+        pack_int8_weights(model)
 
 
 def load_runner(
@@ -240,7 +243,7 @@ def load_runner(
     if device.type == "cpu" and dtype == torch.float32:
         start = time.perf_counter()
         try:
-            use_cpu_kernels(model, pack_linears=cfg.quantization is None)
+            use_cpu_kernels(model, cfg.quantization)
         except KernelUnavailableError as exc:
             if tp.rank == 0:
                 log.info("the model runs torch's operators: the C kernels are unavailable: %s",

@@ -92,6 +92,8 @@ def load_kernels() -> ctypes.CDLL:
     lib.paged_store_f32.restype = None
     lib.panel_gemm_f32.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.panel_gemm_f32.restype = None
+    lib.panel_gemm_i8.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.panel_gemm_i8.restype = None
     lib.rms_norm_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr, ctypes.c_float, ptr, ctypes.c_int]
     lib.rms_norm_f32.restype = None
     lib.silu_and_mul_f32.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]

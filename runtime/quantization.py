@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.layers.linear import LinearBase
+from runtime.layers.linear import PANEL, LinearBase, panel_matmul, to_panels
+from runtime.native import load_kernels
 
 # Rows up to which the weight-only kernels beat dequantise-then-matmul (benchmarks/quant_matmul.py).
 KERNEL_MAX_ROWS = 4
@@ -126,6 +127,30 @@ class Int8Weight(nn.Module):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
+class Int8PanelWeight(nn.Module):
+    """An Int8Weight repacked for runtime/csrc/panel_gemm.c on a float32 CPU model: int8
+    panels (linear.py's to_panels) and the scales padded to whole panels. The kernel converts
+    each int8 weight to float as it reads it and scales the sums, so at decode's few rows,
+    where the matmul is bound by reading the weights, it reads a quarter of the float32
+    panels' bytes (benchmarks/quant_matmul.py)."""
+
+    kernel_name = "int8-panel-gemm"  # what ModelRunner.kernels() reports
+
+    def __init__(self, weight: Int8Weight) -> None:
+        super().__init__()
+        self.out_features = weight.qweight.shape[0]
+        panels = to_panels(weight.qweight)
+        scales = torch.zeros(panels.shape[0] * PANEL)
+        scales[: self.out_features] = weight.scale.float()
+        self.panels = nn.Parameter(panels, requires_grad=False)
+        self.scales = nn.Parameter(scales, requires_grad=False)
+        self._gemm = load_kernels().panel_gemm_i8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return panel_matmul(x, self.out_features, self._gemm, self.panels.data_ptr(),
+                            self.scales.data_ptr())  # fmt: skip
+
+
 class Int4Weight(nn.Module):
     """A linear layer's weight as int4, two a byte in the CPU kernel's layout [out, in / 2],
     with a scale and a zero per group of inputs."""
@@ -193,6 +218,19 @@ def quantize(model: nn.Module, method: str) -> int:
     layers = [m for m in model.modules() if isinstance(m, LinearBase)]
     for layer in layers:
         layer.set_matmul(METHODS[method](layer.weight))
+    return len(layers)
+
+
+def pack_int8_weights(model: nn.Module) -> int:
+    """On a float32 CPU model, repack every Int8Weight as an Int8PanelWeight (dropping the
+    unpacked copy). Returns how many; raises KernelUnavailableError where the kernel cannot be
+    built, leaving the model as it was."""
+    load_kernels()
+    layers = [m for m in model.modules()
+              if isinstance(m, LinearBase) and isinstance(m.matmul, Int8Weight)]  # fmt: skip
+    for layer in layers:
+        assert isinstance(layer.matmul, Int8Weight)
+        layer.matmul = Int8PanelWeight(layer.matmul)
     return len(layers)
 
 

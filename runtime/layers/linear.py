@@ -13,6 +13,7 @@ its bias and its shape, so the model does not know.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,42 +59,52 @@ class LinearBase(nn.Linear, ReplaceableWeight):
         return self.project(x, self.bias)
 
 
+def to_panels(weight: torch.Tensor) -> torch.Tensor:
+    """W [out, in] (any dtype) as panel_gemm.c reads it: [ceil(out / 16), in, 16], the last
+    panel's missing rows zero."""
+    out, width = weight.shape
+    padded = torch.zeros(-(-out // PANEL) * PANEL, width, dtype=weight.dtype)
+    padded[:out] = weight.detach()
+    return padded.view(-1, PANEL, width).transpose(1, 2).contiguous()
+
+
+def panel_matmul(x: torch.Tensor, out_features: int, gemm: Any, *weights: int) -> torch.Tensor:
+    """x @ W.T by `gemm`, an entry point of panel_gemm.c, W given as the data pointers
+    `weights` (its panels, then the int8 scales). Called 4 times a layer per step: kept to the
+    checks that guard the raw pointers (~10 us a call in all). Only CPU models are packed, so
+    x is a CPU tensor."""
+    flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if flat.dtype is not torch.float32:
+        raise TypeError(f"the panel kernels multiply float32 inputs, not {flat.dtype}")
+    if flat.stride(1) != 1:  # the kernel reads each row densely; rows may lie apart
+        flat = flat.contiguous()
+    rows = flat.shape[0]
+    out = torch.empty(rows, out_features)
+    if rows:
+        gemm(flat.data_ptr(), rows, flat.shape[1], flat.stride(0), *weights, out_features,
+             out.data_ptr(), torch.get_num_threads())  # fmt: skip
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
+
+
 class PanelWeight(nn.Module):
-    """W packed for runtime/csrc/panel_gemm.c: [ceil(out / 16), in, 16], the last panel
-    zero-padded, float32 on the CPU. Its register-blocked kernel computes x @ W.T 3-6x faster
-    than torch's MKL call at decode's few rows, 1.7-2x at 32 and no slower at prefill's
-    thousands, because MKL repacks W on every call (benchmarks/cpu_matmul.py)."""
+    """W packed for runtime/csrc/panel_gemm.c (to_panels), float32 on the CPU. Its
+    register-blocked kernel computes x @ W.T 3-6x faster than torch's MKL call at decode's few
+    rows, 1.7-2x at 32 and no slower at prefill's thousands, because MKL repacks W on every
+    call (benchmarks/cpu_matmul.py)."""
 
     kernel_name = "panel-gemm"  # what ModelRunner.kernels() reports
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        out, width = weight.shape
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             raise TypeError(f"PanelWeight packs float32 CPU weights, not {weight.dtype} on "
                             f"{weight.device}")  # fmt: skip
-        self.out_features = out
-        padded = torch.zeros(-(-out // PANEL) * PANEL, width)
-        padded[:out] = weight.detach()
-        panels = padded.view(-1, PANEL, width).transpose(1, 2).contiguous()
-        self.panels = nn.Parameter(panels, requires_grad=False)
+        self.out_features = weight.shape[0]
+        self.panels = nn.Parameter(to_panels(weight), requires_grad=False)
         self._gemm = load_kernels().panel_gemm_f32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Called 4 times a layer per step: kept to the checks that guard the raw pointers
-        # (~10 us a call in all). Only CPU models are packed, so x is a CPU tensor.
-        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        if flat.dtype is not torch.float32:
-            raise TypeError(f"PanelWeight multiplies float32 inputs, not {flat.dtype}")
-        if flat.stride(1) != 1:  # the kernel reads each row densely; rows may lie apart
-            flat = flat.contiguous()
-        rows = flat.shape[0]
-        out = torch.empty(rows, self.out_features)
-        if rows:
-            self._gemm(flat.data_ptr(), rows, flat.shape[1], flat.stride(0),
-                       self.panels.data_ptr(), self.out_features, out.data_ptr(),
-                       torch.get_num_threads())  # fmt: skip
-        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
+        return panel_matmul(x, self.out_features, self._gemm, self.panels.data_ptr())
 
 
 def pack_weights(model: nn.Module) -> int:

@@ -72,7 +72,7 @@ def test_logits_match_transformers(
     expected = _reference_logits(_hf_checkpoint(tmp_path, arch, extra))
     model = _ours(tmp_path)
     if kernels:  # as a float32 CPU engine runs it: norms, activation, rotary and linears in C
-        use_cpu_kernels(model, pack_linears=True)
+        use_cpu_kernels(model, quantization=None)
     got = prefill(model, PROMPT)
     assert (got - expected).abs().max().item() < TOLERANCE
     assert torch.equal(got.argmax(-1), expected.argmax(-1))

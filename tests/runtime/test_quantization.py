@@ -23,6 +23,7 @@ from runtime.quantization import (
     KERNEL_MAX_ROWS,
     METHODS,
     Int4Weight,
+    Int8PanelWeight,
     Int8Weight,
     dequantize_int4,
     dequantize_int8,
@@ -117,6 +118,20 @@ def test_kernel_and_dequantised_paths_agree(method: str) -> None:
     assert torch.allclose(by_rows, together, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("out", [512, 40])  # whole panels, and a last one of 8 rows
+def test_int8_panels_compute_what_the_int8_weight_does(out: int) -> None:
+    w = _weight(out, 256)
+    int8 = Int8Weight(w)
+    packed = Int8PanelWeight(int8)
+    gen = torch.Generator().manual_seed(3)
+    for rows in (1, KERNEL_MAX_ROWS, 7, 49):  # both torch paths; the kernel's blocks
+        x = torch.randn(rows, 256, generator=gen)
+        want = int8(x)
+        assert torch.allclose(packed(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    # int8 panels plus a float scale a column: about a quarter of float32's bytes still
+    assert weight_bytes(packed) <= -(-out // 16) * 16 * (256 + 4)
+
+
 def test_int8_keeps_a_quarter_of_float32_bytes_and_int4_at_most_a_seventh_at_groups_of_128() -> (
     None
 ):
@@ -204,8 +219,10 @@ def test_load_breakdown_reports_quantisation_time_and_smaller_weights(
         engine = Engine(EngineConfig(**{**TINY.__dict__, "quantization": method}))
         breakdown = engine.load_breakdown()
         assert breakdown["quantize_s"] > 0
-        assert all(isinstance(m.matmul, METHODS[method]) for m in _layers(engine))
-        assert engine.kernels()["linear"] == method
+        # On a float32 CPU engine int8 runs the C panel kernel; int4 keeps torch's.
+        on_cpu = {"int8": Int8PanelWeight, "int4": Int4Weight}[method]
+        assert all(isinstance(m.matmul, on_cpu) for m in _layers(engine))
+        assert engine.kernels()["linear"] == on_cpu.kernel_name
         assert engine.kernels()["elementwise"] == "c"  # norms etc. stay in C when quantised
         assert breakdown["weight_bytes"] < float_engine.load_breakdown()["weight_bytes"]
         assert float_linear / _linear_bytes(engine) >= ratio

@@ -96,22 +96,26 @@ def _pick_model(base_url: str, cards: list[dict[str, Any]], model: str | None) -
     return model
 
 
-def _load_breakdown(cards: list[dict[str, Any]], model: str) -> dict[str, float] | None:
-    """The engine's own account of its load time, where its model card carries one (the
-    bundled engine's does)."""
+def _card_field(cards: list[dict[str, Any]], model: str, key: str) -> dict[str, Any] | None:
+    """A mapping the engine reports of itself on `model`'s card, where it does (the bundled
+    engine's card carries `load_breakdown` and `kernels`)."""
     for card in cards:
-        if card["id"] == model and isinstance(card.get("load_breakdown"), dict):
-            return {k: float(v) for k, v in card["load_breakdown"].items()}
+        if card["id"] == model and isinstance(card.get(key), dict):
+            return card[key]  # type: ignore[no-any-return]
     return None
+
+
+def _load_breakdown(cards: list[dict[str, Any]], model: str) -> dict[str, float] | None:
+    """The engine's own account of its load time."""
+    field = _card_field(cards, model, "load_breakdown")
+    return None if field is None else {k: float(v) for k, v in field.items()}
 
 
 def _kernels(cards: list[dict[str, Any]], model: str) -> dict[str, str] | None:
-    """What the engine computes its steps with (attention backend, linear kernel, ...), where
-    its model card says (the bundled engine's does): a silent fallback shows in the records."""
-    for card in cards:
-        if card["id"] == model and isinstance(card.get("kernels"), dict):
-            return {str(k): str(v) for k, v in card["kernels"].items()}
-    return None
+    """What the engine computes its steps with (attention backend, linear kernel, ...): a
+    silent fallback shows in the records."""
+    field = _card_field(cards, model, "kernels")
+    return None if field is None else {str(k): str(v) for k, v in field.items()}
 
 
 def _flags(server_args: Mapping[str, Any]) -> list[str]:

@@ -2,8 +2,8 @@
 
 - paged_attention.c: decode attention and cache writes over the paged cache
   (runtime/attention/cpu_kernel.py).
-- panel_gemm.c: the float32 linear layers' matmul over weights packed at load
-  (runtime/layers/linear.py, PanelWeight).
+- panel_gemm.c: the linear layers' matmul over float32 or int8 weights packed at load
+  (runtime/layers/linear.py, PanelWeight; runtime/quantization.py, Int8PanelWeight).
 - elementwise.c: RMSNorm with the residual add fused, SiLU-and-multiply and rotary embedding
   (runtime/layers/norm.py, activation.py, rotary.py).
 
@@ -25,6 +25,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = sorted(CSRC.glob("*.c"))
 HEADERS = sorted(CSRC.glob("*.h"))  # part of the cache key, as the sources are
@@ -38,6 +40,17 @@ CACHE_ENV = "RUNTIME_KERNEL_CACHE"  # where built kernels are kept (default ~/.c
 
 class KernelUnavailableError(RuntimeError):
     """The C kernels cannot be built or loaded here; the message says why."""
+
+
+def float32_rows(x: torch.Tensor, kernel: str) -> torch.Tensor:
+    """x as the kernels index it: 2-D [rows, last dim] float32, each row dense (rows may lie
+    apart: the kernels take a row stride), copied only where it must be. Anything else would
+    be read as the wrong bytes, so it is refused, naming `kernel`. Only CPU models use the
+    kernels, so x is a CPU tensor."""
+    flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if flat.dtype is not torch.float32:
+        raise TypeError(f"{kernel}: float32 inputs only, not {flat.dtype}")
+    return flat if flat.stride(1) == 1 else flat.contiguous()
 
 
 def _cache_dir() -> Path:

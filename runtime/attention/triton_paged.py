@@ -26,6 +26,7 @@ prefill chunks, never captured, goes through the reference planning (`.tolist()`
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -224,16 +225,20 @@ def store_kv(
     )  # fmt: skip
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Looked up once per device: splits_for runs for every layer of every eager step."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return 132  # Triton's interpreter: a GPU-sized count, so the tests take the same decisions
+
+
 def splits_for(programs: int, max_context: int, device: torch.device,
                partition: int = PARTITION) -> int:  # fmt: skip
     """How many parts each context is cut into: 1 when the (sequence, K/V head) programs
     already fill the GPU, else enough parts of `partition` tokens to cover `max_context` (the
     longest a context can be, from the block table's width: shapes only, no host sync)."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:  # Triton's interpreter: a GPU-sized count, so the tests take the same decisions
-        sms = 132
-    if programs >= PROGRAMS_PER_SM * sms:
+    if programs >= PROGRAMS_PER_SM * _sm_count(device):
         return 1
     return max(1, -(-max_context // partition))
 

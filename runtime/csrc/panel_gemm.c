@@ -2,7 +2,7 @@
  * PanelWeight) and int8 ones (runtime/quantization.py: Int8Weight on the CPU).
  *
  * W [n, k] is packed once, at load, into panels of PANEL output columns: [n / PANEL][k][PANEL]
- * (the last panel zero-padded), so one panel is a contiguous stream of k rows of 16 floats.
+ * (the last panel zero-padded), so one panel is a contiguous stream of k rows of 16 weights.
  * Each (6-row block of x, panel) pair keeps its 6 x 16 outputs in 12 vector registers for the
  * whole k loop, the classic register-blocked GEMM micro-kernel: per k, two vector loads of W,
  * six broadcasts of x, twelve FMAs. The panel (k * 64 bytes) stays in L1/L2 while every row

@@ -1,5 +1,6 @@
 /* Eight-float vectors for the kernels, as GCC/Clang vector extensions rather than intrinsics:
- * they lower to AVX2 (or AVX-512 halves, SSE or NEON pairs) as -march=native allows. */
+ * they lower to AVX2 (or AVX-512 halves, SSE or NEON pairs) as -march=native allows. The one
+ * intrinsic, under __AVX2__, is where GCC's lowering fails (int8_to_float8). */
 #ifndef RUNTIME_VEC_H
 #define RUNTIME_VEC_H
 

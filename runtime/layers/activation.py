@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.native import float32_rows
+
 
 class SiluAndMul(nn.Module):
     """[..., 2 * d] (gate rows, then up rows, as the fused gate_up projection lays them out)
@@ -22,9 +24,8 @@ class SiluAndMul(nn.Module):
         if self.native is None:
             gate, up = x.chunk(2, dim=-1)
             return F.silu(gate) * up
-        flat = x.reshape(-1, x.shape[-1]).contiguous()
-        if flat.dtype is not torch.float32:
-            raise TypeError(f"the C SiLU-and-multiply takes float32, not {flat.dtype}")
+        # silu_and_mul_f32 takes no row stride: rows adjacent too
+        flat = float32_rows(x, "the C SiLU-and-multiply").contiguous()
         d = flat.shape[1] // 2
         out = torch.empty(flat.shape[0], d)
         self.native.silu_and_mul_f32(flat.data_ptr(), flat.shape[0], d, out.data_ptr(),

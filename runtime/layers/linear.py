@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.layers.weight_loader import copy_weight, set_weight_loader
-from runtime.native import load_kernels
+from runtime.native import float32_rows, load_kernels
 from runtime.parallel import SINGLE, TensorParallel
 
 PANEL = 16  # output columns a panel: panel_gemm.c's PANEL
@@ -71,13 +71,8 @@ def to_panels(weight: torch.Tensor) -> torch.Tensor:
 def panel_matmul(x: torch.Tensor, out_features: int, gemm: Any, *weights: int) -> torch.Tensor:
     """x @ W.T by `gemm`, an entry point of panel_gemm.c, W given as the data pointers
     `weights` (its panels, then the int8 scales). Called 4 times a layer per step: kept to the
-    checks that guard the raw pointers (~10 us a call in all). Only CPU models are packed, so
-    x is a CPU tensor."""
-    flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if flat.dtype is not torch.float32:
-        raise TypeError(f"the panel kernels multiply float32 inputs, not {flat.dtype}")
-    if flat.stride(1) != 1:  # the kernel reads each row densely; rows may lie apart
-        flat = flat.contiguous()
+    checks that guard the raw pointers (~10 us a call in all)."""
+    flat = float32_rows(x, "the panel kernels")
     rows = flat.shape[0]
     out = torch.empty(rows, out_features)
     if rows:

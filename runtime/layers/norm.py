@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.layers.weight_loader import set_weight_loader
+from runtime.native import float32_rows
 
 
 class RMSNorm(nn.Module):
@@ -40,11 +41,7 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         assert self.native is not None
         width = x.shape[-1]
-        flat = x if x.dim() == 2 else x.reshape(-1, width)
-        if flat.dtype is not torch.float32:
-            raise TypeError(f"the C RMSNorm takes float32, not {flat.dtype}")
-        if flat.stride(1) != 1:  # rows may lie apart, each must be dense
-            flat = flat.contiguous()
+        flat = float32_rows(x, "the C RMSNorm")
         if residual is not None and not residual.is_contiguous():
             residual = residual.contiguous()
         out = torch.empty(flat.shape[0], width)

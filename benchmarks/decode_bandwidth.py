@@ -1,12 +1,15 @@
 """Batch-1 decode against the memory roofline: what share of the device's bandwidth it reaches.
 
-One request decodes alone, so every step reads all the weights (and its short KV context) once:
-bytes per step / seconds per step is the bandwidth decode achieves. Beside it, the device's
+One request decodes alone, so every step reads its active weights (and its short KV context)
+once: every weight but an untied embedding table (a lookup reads one row of it) and, of a
+mixture of experts, the experts the router passes over (ModelConfig.active_parameters). Bytes
+per step / seconds per step is the bandwidth decode achieves. Beside it, the device's
 own copy bandwidth (a large tensor copied device to device, read plus write), the practical
 ceiling. The issue's goal on an H100/H200 is 75% of it for a Llama-3-8B shape in bf16:
 
     python benchmarks/decode_bandwidth.py --model llama-3-8b          # on a GPU (dummy weights)
     python benchmarks/decode_bandwidth.py --model small               # the CPU smoke run
+    python benchmarks/decode_bandwidth.py --model gpt-oss-20b --enforce-eager  # MoE, on a GPU
 """
 
 from __future__ import annotations
@@ -81,7 +84,9 @@ def main() -> None:
     )  # fmt: skip
     engine = Engine(cfg)
     steps_per_s, kv_bytes = decode_rate(engine, args.tokens)
-    step_bytes = engine.load.weight_bytes + kv_bytes
+    mcfg = engine.model_config
+    weights = engine.load.weight_bytes * mcfg.active_parameters / mcfg.num_parameters
+    step_bytes = weights + kv_bytes
     achieved = step_bytes * steps_per_s
     ceiling = copy_bandwidth(device, args.copy_mib << 20)
     graphs = "eager" if args.enforce_eager or device.type != "cuda" else "CUDA graphs"

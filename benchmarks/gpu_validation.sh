@@ -29,3 +29,9 @@ echo "== harness"
 $py -m bench scenario=concurrency target=bundled target.model=llama-3-8b \
     runtime.load_format=dummy "scenario.concurrency=[1,8,32,64]" scenario.num_requests=128 \
     scenario.repeats=2 2>&1 | tee "$out/harness.txt"
+# 4. The motivating model's shape: GPT-OSS-20B, bf16 dummy weights (42 GB: one H100/H200 holds
+#    it), batch-1 decode over its active 3.6B parameters. Its experts run eagerly
+#    (runtime/layers/moe.py synchronises with the host once a layer).
+echo "== gpt-oss-20b"
+$py benchmarks/decode_bandwidth.py --model gpt-oss-20b --enforce-eager --tokens 64 2>&1 \
+    | tee "$out/gpt_oss.txt"

@@ -10,15 +10,27 @@ from typing import Any
 
 import torch
 
-ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GptOssForCausalLM")
 ARCHITECTURES_DIR = Path(__file__).resolve().parent / "architectures"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = ("int8", "int4")  # weight-only; see runtime/quantization.py
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """A mixture-of-experts MLP (GPT-OSS): each token runs `top_k` of `num_experts` experts,
+    each a SwiGLU of `intermediate_size` columns, clamped at `swiglu_limit`."""
+
+    num_experts: int
+    top_k: int
+    swiglu_alpha: float  # the gate's sigmoid gain: gate * sigmoid(alpha * gate)
+    swiglu_limit: float
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """The Llama family's shape, read from a Hugging Face config.json."""
+    """The shape of a Llama-style decoder (Llama, Qwen2, Qwen3, GPT-OSS), read from a Hugging
+    Face config.json."""
 
     architecture: str
     vocab_size: int
@@ -37,16 +49,44 @@ class ModelConfig:
     qk_norm: bool  # Qwen3: RMSNorm over each head of q and k
     dtype: torch.dtype
     eos_token_id: int | None
+    # GPT-OSS: o_proj has a bias too, each query head a learned softmax sink, and the layers
+    # named "sliding_attention" in layer_types see only the last sliding_window positions.
+    o_proj_bias: bool = False
+    attention_sinks: bool = False
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()  # empty: every layer full attention
+    moe: MoEConfig | None = None  # None: a dense SwiGLU MLP
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`, or None where it attends to every position."""
+        sliding = self.layer_types and self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window if sliding else None
 
     @property
     def num_parameters(self) -> int:
-        h, layers = self.hidden_size, self.num_hidden_layers
+        h, layers, heads = self.hidden_size, self.num_hidden_layers, self.num_attention_heads
         q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
         attention = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.attention_bias else 0)
         attention += 2 * self.head_dim if self.qk_norm else 0
+        attention += (h if self.o_proj_bias else 0) + (heads if self.attention_sinks else 0)
         mlp = 3 * h * self.intermediate_size
+        if self.moe is not None:  # the router, and per expert its weights and biases
+            e, i = self.moe.num_experts, self.intermediate_size
+            mlp = e * (h + 1) + e * (3 * h * i + 2 * i + h)
         embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return layers * (attention + mlp + 2 * h) + embeddings + h
+
+    @property
+    def active_parameters(self) -> int:
+        """Parameters one token's forward reads: not the experts its router passes over, nor
+        an untied embedding table, of which a lookup reads one row (a tied one is read whole
+        as the LM head). GPT-OSS-20B: 3.6B, as OpenAI counts it."""
+        h, i = self.hidden_size, self.intermediate_size
+        idle = 0 if self.tie_word_embeddings else self.vocab_size * h
+        if self.moe is not None:
+            per_expert = 3 * h * i + 2 * i + h
+            idle += self.num_hidden_layers * (self.moe.num_experts - self.moe.top_k) * per_expert
+        return self.num_parameters - idle
 
     def check_tensor_parallel(self, size: int) -> None:
         """Raise unless the model shards evenly over `size` ranks: query heads and MLP columns
@@ -80,12 +120,14 @@ class ModelConfig:
         rope_type = rope.get("rope_type") or rope.get("type") or "default"
         heads = int(raw["num_attention_heads"])
         eos = raw.get("eos_token_id")
+        gpt_oss = arch == "GptOssForCausalLM"
+        layers = int(raw["num_hidden_layers"])
         return cls(
             architecture=arch,
             vocab_size=int(raw["vocab_size"]),
             hidden_size=int(raw["hidden_size"]),
             intermediate_size=int(raw["intermediate_size"]),
-            num_hidden_layers=int(raw["num_hidden_layers"]),
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
             head_dim=int(raw.get("head_dim") or raw["hidden_size"] // heads),
@@ -94,11 +136,44 @@ class ModelConfig:
             rope_theta=theta,
             rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            attention_bias=bool(raw.get("attention_bias", arch in ("Qwen2ForCausalLM",
+                                                                    "GptOssForCausalLM"))),
             qk_norm=arch == "Qwen3ForCausalLM",
             dtype=DTYPES.get(str(raw.get("torch_dtype") or raw.get("dtype")), torch.float32),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            o_proj_bias=gpt_oss and bool(raw.get("attention_bias", True)),
+            attention_sinks=gpt_oss,
+            **(_gpt_oss_fields(raw, layers) if gpt_oss else {}),
+        )  # fmt: skip
+
+
+def _gpt_oss_fields(raw: Mapping[str, Any], layers: int) -> dict[str, Any]:
+    """GPT-OSS's sliding layers and experts, with transformers' GptOssConfig defaults."""
+    window = raw.get("sliding_window", 128)
+    types = raw.get("layer_types") or [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
+    ]
+    if len(types) != layers or set(types) - {"sliding_attention", "full_attention"}:
+        raise ValueError(
+            f"layer_types: expected {layers} entries, each sliding_attention or "
+            f"full_attention, got {types!r}"
         )
+    moe = MoEConfig(
+        num_experts=int(raw.get("num_local_experts", 128)),
+        top_k=int(raw.get("num_experts_per_tok", 4)),
+        swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)),
+        swiglu_limit=float(raw.get("swiglu_limit", 7.0)),
+    )
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise ValueError(
+            f"num_experts_per_tok: expected 1 to num_local_experts ({moe.num_experts}), "
+            f"got {moe.top_k}"
+        )
+    return {
+        "sliding_window": None if window is None else int(window),
+        "layer_types": tuple(types),
+        "moe": moe,
+    }
 
 
 def named_architecture(name: str) -> Path | None:

@@ -87,14 +87,17 @@ class ModelRunner:
         """What computes each part of a step, as chosen at load: a fallback (no compiler, no
         Triton) shows here, and the harness records it beside the figures."""
         layer = cast(DecoderLayer, self.model.model.layers[0])  # every layer chose the same
-        matmul = layer.mlp.down_proj.matmul
-        return {
+        matmul = layer.self_attn.o_proj.matmul
+        kernels = {
             "attention": layer.self_attn.backend.name,
             "linear": "torch" if matmul is None else str(matmul.kernel_name),
             "elementwise": "torch" if layer.input_layernorm.native is None else "c",
             "cuda_graphs": "off" if self.graphs is None
             else ",".join(map(str, self.graphs.sizes)),
         }  # fmt: skip
+        if self.model.config.moe is not None:
+            kernels["experts"] = "torch"  # grouped by expert, torch's matmuls (layers/moe.py)
+        return kernels
 
     def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> float:
         """Capture decode steps' CUDA graphs (runtime/cuda_graphs.py); seconds it took."""
@@ -228,7 +231,7 @@ def load_runner(
         )
     dtype = model_dtype(cfg.dtype, mcfg.dtype, device)
     torch.manual_seed(cfg.seed)
-    backend = select_backend(device, dtype, cfg.block_size)
+    backend = select_backend(device, dtype, cfg.block_size, sinks=mcfg.attention_sinks)
     with device:  # parameters and buffers are created on the device, not copied there
         model = LlamaForCausalLM(mcfg, backend, tp).to(dtype).eval()
     if cfg.load_format == "dummy":
@@ -240,6 +243,10 @@ def load_runner(
         start = time.perf_counter()
         quantize(model, cfg.quantization)  # after loading: the loaders write float weights
         quantize_s = time.perf_counter() - start
+        if mcfg.moe is not None and tp.rank == 0:
+            log.warning("--quantization %s converts the attention projections only: "
+                        "the experts stay %s (runtime/layers/moe.py)",
+                        cfg.quantization, dtype)  # fmt: skip
     if device.type == "cpu" and dtype == torch.float32:
         start = time.perf_counter()
         try:
@@ -279,16 +286,20 @@ def load_runner(
         log.info("KV cache: %d blocks (%.2f GiB on %s) from %s",
                  blocks, runner.kv_cache_bytes / GIB, device, source)  # fmt: skip
     graph_capture_s = 0.0
-    if device.type == "cuda" and not cfg.enforce_eager and backend.supports_cuda_graphs:
+    capturable = backend.supports_cuda_graphs and model.supports_cuda_graphs
+    if device.type == "cuda" and not cfg.enforce_eager and capturable:
         graph_capture_s = runner.capture_graphs(cfg.max_num_seqs, max_model_len)
         if tp.rank == 0:
             assert runner.graphs is not None
             log.info("CUDA graphs for decode batches %s in %.1f s",
                      runner.graphs.sizes, graph_capture_s)  # fmt: skip
     elif device.type == "cuda" and tp.rank == 0:
-        why = (
-            "enforce_eager" if cfg.enforce_eager else f"{backend.name} attention cannot be captured"
-        )
+        if cfg.enforce_eager:
+            why = "enforce_eager"
+        elif not backend.supports_cuda_graphs:
+            why = f"{backend.name} attention cannot be captured"
+        else:
+            why = "the mixture-of-experts layers synchronise with the host"
         log.info("decode runs eagerly (%s)", why)
     if tp.rank == 0:
         log.info("kernels: %s", " ".join(f"{k}={v}" for k, v in runner.kernels().items()))

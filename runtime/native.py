@@ -99,7 +99,7 @@ def load_kernels() -> ctypes.CDLL:
         raise KernelUnavailableError(f"cannot load {path}: {exc}") from exc
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.paged_decode_f32.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, i64,
-                                     ctypes.c_float, ctypes.c_int, ptr]  # fmt: skip
+                                     ctypes.c_float, i64, ptr, ctypes.c_int, ptr]  # fmt: skip
     lib.paged_decode_f32.restype = ctypes.c_int
     lib.paged_store_f32.argtypes = [ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64]
     lib.paged_store_f32.restype = None

@@ -46,15 +46,19 @@ class CpuKernelAttention(TorchAttention):
 
     def _paged_decode(
         self, q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
-        context_lens: torch.Tensor, scale: float,
+        context_lens: torch.Tensor, scale: float, sliding_window: int | None,
+        sinks: torch.Tensor | None,
     ) -> torch.Tensor:  # fmt: skip
         _check(kv_cache, q)
         _, num_blocks, kv_heads, block_size, head_dim = kv_cache.shape
         q, tables, lens = q.contiguous(), tables.contiguous(), context_lens.contiguous()
+        # The kernel reads sinks as [heads] float32 (forward checked the length); NULL: none.
+        sink_rows = None if sinks is None else sinks.to(torch.float32).contiguous()
         out = torch.empty_like(q)
         failed = self._decode_kernel(
             q.data_ptr(), kv_cache.data_ptr(), num_blocks, kv_heads, block_size, head_dim,
             tables.data_ptr(), tables.shape[1], lens.data_ptr(), q.shape[0], q.shape[1], scale,
+            sliding_window or 0, None if sink_rows is None else sink_rows.data_ptr(),
             torch.get_num_threads(), out.data_ptr(),
         )  # fmt: skip
         if failed:

@@ -7,7 +7,9 @@ sequence decodes is one `flash_attn_with_kvcache` call (split-KV decode, no host
 synchronisation: CUDA graphs capture it); any other step is one `flash_attn_varlen_func`
 call over the block tables, prefill chunks and decoders together, causal aligned to each
 context's end (a chunk's first query sees the cached prefix). New keys and values go in with
-the Triton store kernel, which skips CUDA-graph padding rows (slot -1).
+the Triton store kernel, which skips CUDA-graph padding rows (slot -1). A sliding window of W
+keys is flash-attn's window_size=(W - 1, 0); flash-attn 2 has no attention sinks, so a model
+with them never gets this backend (selection.py) and `forward` refuses them.
 
 Unverified on a GPU so far: no session with flash-attn and a GPU has run it.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import torch
 from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
-from runtime.attention.interface import AttentionMetadata
+from runtime.attention.interface import AttentionMetadata, check_features
 from runtime.attention.triton_paged import store_kv
 
 
@@ -38,7 +40,17 @@ class FlashAttention:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        check_features(q.shape[1], sliding_window, sinks)
+        if sinks is not None:
+            raise ValueError(
+                "flash-attn 2 has no attention sinks (GPT-OSS); select_backend(..., sinks=True) "
+                "picks another backend, or set RUNTIME_ATTENTION_BACKEND=triton"
+            )
+        # Keys from W - 1 before a query's position to it; (-1, -1) is flash-attn's "no window".
+        window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
         store_kv(k, v, kv_cache, meta.slot_mapping, heads_first=False)
         # flash-attn takes int32 indices; -1 padding entries are never meant to be read, but
         # 0 keeps any that are in bounds.
@@ -47,7 +59,7 @@ class FlashAttention:
         if meta.decode_only:
             out = flash_attn_with_kvcache(
                 q.unsqueeze(1), kv_cache[0], kv_cache[1], cache_seqlens=lens,
-                block_table=tables, softmax_scale=scale, causal=True,
+                block_table=tables, softmax_scale=scale, causal=True, window_size=window,
             )  # fmt: skip
             return out.squeeze(1)  # type: ignore[no-any-return]
         starts = meta.query_start_loc
@@ -56,5 +68,5 @@ class FlashAttention:
             q, kv_cache[0], kv_cache[1], cu_seqlens_q=starts.to(torch.int32), cu_seqlens_k=ends,
             max_seqlen_q=int((starts[1:] - starts[:-1]).max()),
             max_seqlen_k=int(meta.context_lens.max()), softmax_scale=scale, causal=True,
-            block_table=tables,
+            window_size=window, block_table=tables,
         )  # fmt: skip

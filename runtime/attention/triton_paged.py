@@ -15,6 +15,10 @@ run of whole rows.
   one program each, and `_combine_kernel` merges the parts' (max, sum, output) as
   flash-decoding does (vLLM's paged attention v2). Whether to split is decided from shapes
   alone (the block table's width bounds the context), so a step stays capturable.
+- A sliding window of W keys moves each program's first key up to context - W (parts wholly
+  before it see no key); tiles stay aligned, so their keys before it are masked, never loaded.
+  Sinks join the softmax as a key already seen with no value: m = sink, l = 1 (in exp2 units)
+  from the start with one part, or as one more part in `_combine_kernel` with several.
 
 Graph safety: a step in which every sequence decodes must not synchronise with the host, as it
 is captured in CUDA graphs and replayed with new metadata. The reference's `forward` tells it
@@ -48,6 +52,8 @@ PARTITION = 512  # context tokens per program when contexts are split (vLLM v2's
 # Split when there are fewer (sequence, K/V head) programs than this many per SM: below it the
 # GPU has SMs idle for the whole step.
 PROGRAMS_PER_SM = 2
+# The softmax runs in exp2: scores are scaled by log2(e) (qk_scale), and so must a sink be.
+LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
 
 
 # Kernel arguments are annotated tl.tensor, what Triton passes them as (scalars included);
@@ -82,20 +88,25 @@ def _store_kernel(
 def _decode_kernel(
     q_ptr: tl.tensor, k_cache_ptr: tl.tensor, v_cache_ptr: tl.tensor, table_ptr: tl.tensor,
     lens_ptr: tl.tensor, out_ptr: tl.tensor, part_ptr: tl.tensor, stats_ptr: tl.tensor,
-    qk_scale: tl.tensor,
+    sinks_ptr: tl.tensor, qk_scale: tl.tensor,
     stride_qt: tl.tensor, stride_qh: tl.tensor, stride_ot: tl.tensor, stride_oh: tl.tensor,
     stride_table: tl.tensor, stride_cb: tl.tensor, stride_ch: tl.tensor, stride_cs: tl.tensor,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     GROUP_P2: tl.constexpr, HEAD_DIM_P2: tl.constexpr, TILE: tl.constexpr,
     DOT_F32: tl.constexpr, SPLITS: tl.constexpr, PART_TOKENS: tl.constexpr,
+    WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
 ) -> None:  # fmt: skip
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2).to(tl.int64)
     context = tl.load(lens_ptr + seq)
-    # This program's keys: [first, last). With one split, the whole context.
-    first = split * PART_TOKENS
+    # This program's keys: [first, last). With one split, the whole context (or its window).
+    first = split * PART_TOKENS  # a multiple of TILE
     last = tl.minimum(context, first + PART_TOKENS) if SPLITS > 1 else context
+    begin = first  # where the tiles start: TILE-aligned, at or before `first`
+    if WINDOW > 0:
+        first = tl.maximum(first, context - WINDOW)
+        begin = first // TILE * TILE
     rows = tl.arange(0, GROUP_P2)  # query heads kv_head * GROUP + row, as SDPA's enable_gqa
     dims = tl.arange(0, HEAD_DIM_P2)
     keys = tl.arange(0, TILE)
@@ -108,12 +119,19 @@ def _decode_kernel(
 
     m = tl.full([GROUP_P2], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_P2], tl.float32)  # noqa: E741 (the softmax's usual name)
+    if HAS_SINKS and SPLITS == 1:
+        # The sink as a key already seen whose value is zero: its e^sink joins l, not acc. (With
+        # several parts _combine_kernel adds it once.) Padding rows keep m = -inf, l = 0.
+        m = tl.load(sinks_ptr + heads, mask=rows < GROUP, other=float("-inf")).to(tl.float32)
+        m = m * LOG2E
+        l = tl.where(rows < GROUP, 1.0, 0.0)  # noqa: E741
     acc = tl.zeros([GROUP_P2, HEAD_DIM_P2], tl.float32)
-    # Runs cdiv(last - first, TILE) times: none for a padding row or a split past the context,
-    # and never past a context's last block, so the table's -1 padding is never read.
-    for start in range(first, last, TILE):
+    # Runs cdiv(last - begin, TILE) times: none for a padding row or a split past the context
+    # (or before its window), and never past a context's last block or before the block of its
+    # first key, so the table's -1 padding and the blocks before a window are never read.
+    for start in range(begin, last, TILE):
         pos = start + keys
-        valid = pos < last
+        valid = (pos >= first) & (pos < last)
         if BLOCK_SIZE % TILE == 0:
             # The tile lies in one block (block sizes 16, 32, ...): one table read, and the
             # tile is one contiguous run of memory.
@@ -164,14 +182,15 @@ def _decode_kernel(
 
 @triton.jit  # type: ignore[untyped-decorator, misc]
 def _combine_kernel(
-    part_ptr: tl.tensor, stats_ptr: tl.tensor, out_ptr: tl.tensor,
+    part_ptr: tl.tensor, stats_ptr: tl.tensor, out_ptr: tl.tensor, sinks_ptr: tl.tensor,
     stride_ot: tl.tensor, stride_oh: tl.tensor,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, SPLITS: tl.constexpr,
-    SPLITS_P2: tl.constexpr,
+    SPLITS_P2: tl.constexpr, HAS_SINKS: tl.constexpr,
 ) -> None:  # fmt: skip
     """One program per (sequence, query head): out = sum_i e^(m_i - M) acc_i / sum_i
     e^(m_i - M) l_i over its parts, M the largest m_i; a part that saw no key has m = -inf and
-    weighs 0, and a context with no key at all outputs zeros."""
+    weighs 0, and a context with no key at all outputs zeros. A sink is one more part, with
+    m = sink, l = 1 and acc = 0."""
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     parts = tl.arange(0, SPLITS_P2)
@@ -181,11 +200,16 @@ def _combine_kernel(
     m = tl.load(stats_ptr + row * 2, mask=have, other=float("-inf"))
     l = tl.load(stats_ptr + row * 2 + 1, mask=have, other=0.0)  # noqa: E741
     top = tl.max(m, axis=0)
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * LOG2E
+        top = tl.maximum(top, sink)
     weight = tl.where(m > float("-inf"), tl.exp2(m - tl.where(top > float("-inf"), top, 0.0)),
                       0.0)  # fmt: skip
     acc = tl.load(part_ptr + row[:, None] * HEAD_DIM_P2 + dims[None, :], mask=have[:, None],
                   other=0.0)  # fmt: skip
     total = tl.sum(weight * l, axis=0)
+    if HAS_SINKS:
+        total += tl.exp2(sink - top)
     out = tl.sum(weight[:, None] * acc, axis=0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
              mask=dims < HEAD_DIM)  # fmt: skip
@@ -249,13 +273,17 @@ def paged_decode(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
     partition: int = PARTITION,
 ) -> torch.Tensor:
-    """Attention of one query token per sequence ([seqs, heads, head_dim]) over its context.
+    """Attention of one query token per sequence ([seqs, heads, head_dim]) over its context,
+    or with `sliding_window` W its last W keys, with `sinks` [heads] in each head's softmax.
 
-    Reads block_tables[i, :cdiv(context_lens[i], block_size)] only: entries past those (-1
-    padding) may hold anything. A sequence with context_lens[i] == 0 outputs zeros.
-    `partition` (tokens per split, a multiple of the tile) is a parameter for the tests.
+    Reads block_tables[i, :cdiv(context_lens[i], block_size)] only (from the block of the
+    window's first key on): entries past those (-1 padding) may hold anything. A sequence with
+    context_lens[i] == 0 outputs zeros. `partition` (tokens per split, a multiple of the tile)
+    is a parameter for the tests.
     """
     seqs, heads, head_dim = q.shape
     _, _, kv_heads, block_size, _ = kv_cache.shape
@@ -272,21 +300,25 @@ def paged_decode(
     parts = torch.empty(*shape, dim_p2, dtype=torch.float32, device=q.device)
     stats = torch.empty(*shape, 2, dtype=torch.float32, device=q.device)
     key_cache, value_cache = kv_cache[0], kv_cache[1]
+    # Without sinks the kernels never read sinks_ptr: any tensor stands in.
+    sink_logits = q if sinks is None else sinks.contiguous()
     _decode_kernel[(seqs, kv_heads, splits)](
         q, key_cache, value_cache, block_tables, context_lens.contiguous(), out, parts, stats,
-        scale * math.log2(math.e),  # the softmax runs in exp2
+        sink_logits, scale * math.log2(math.e),  # the softmax runs in exp2
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         GROUP_P2=_p2(group, MIN_DOT), HEAD_DIM_P2=_p2(head_dim, MIN_DOT),
         TILE=tile, DOT_F32=q.dtype == torch.float32 or _INTERPRETED,
-        SPLITS=splits, PART_TOKENS=partition,
+        SPLITS=splits, PART_TOKENS=partition, WINDOW=sliding_window or 0,
+        HAS_SINKS=sinks is not None,
         num_warps=4,
     )  # fmt: skip
     if splits > 1:
         _combine_kernel[(seqs, heads)](
-            parts, stats, out, out.stride(0), out.stride(1),
+            parts, stats, out, sink_logits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_P2=dim_p2, SPLITS=splits, SPLITS_P2=_p2(splits),
+            HAS_SINKS=sinks is not None,
         )  # fmt: skip
     return out
 
@@ -304,6 +336,7 @@ class TritonAttention(TorchAttention):
 
     def _paged_decode(
         self, q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
-        context_lens: torch.Tensor, scale: float,
+        context_lens: torch.Tensor, scale: float, sliding_window: int | None,
+        sinks: torch.Tensor | None,
     ) -> torch.Tensor:  # fmt: skip
-        return paged_decode(q, kv_cache, tables, context_lens, scale)
+        return paged_decode(q, kv_cache, tables, context_lens, scale, sliding_window, sinks)

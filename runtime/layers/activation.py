@@ -1,4 +1,5 @@
-"""SiLU-and-multiply, the gated activation of the Llama MLP."""
+"""The gated activations: SiLU-and-multiply (the Llama MLP), clamped SwiGLU (GPT-OSS's
+experts). Both take [..., 2 * d], gate columns then up columns, and give [..., d]."""
 
 from __future__ import annotations
 
@@ -31,3 +32,18 @@ class SiluAndMul(nn.Module):
         self.native.silu_and_mul_f32(flat.data_ptr(), flat.shape[0], d, out.data_ptr(),
                                      torch.get_num_threads())  # fmt: skip
         return out.view(*x.shape[:-1], d)
+
+
+class ClampedSwiGLU(nn.Module):
+    """GPT-OSS's: gate clamped above at `limit`, up to [-limit, limit], then
+    (up + 1) * gate * sigmoid(alpha * gate)."""
+
+    def __init__(self, alpha: float, limit: float) -> None:
+        super().__init__()
+        self.alpha, self.limit = alpha, limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(-self.limit, self.limit)
+        return (up + 1) * gate * torch.sigmoid(gate * self.alpha)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.layers.weight_loader import copy_weight, set_weight_loader
+from runtime.layers.weight_loader import copy_weight, set_param_loader, set_weight_loader
 from runtime.native import float32_rows, load_kernels
 from runtime.parallel import SINGLE, TensorParallel
 
@@ -117,20 +117,25 @@ def pack_weights(model: nn.Module) -> int:
 class RowParallelLinear(LinearBase):
     """Each rank holds a slice of the input columns and computes a partial x @ W.T over its
     slice of x (the column-parallel layer before it left x split the same way); the sum over
-    ranks is the output. No bias: it would be added once per rank (Llama's o_proj and
-    down_proj have none)."""
+    ranks is the output. A bias (GPT-OSS's o_proj has one; Llama's o_proj and down_proj do
+    not) is whole on every rank and added once, after the sum."""
 
-    def __init__(self, in_features: int, out_features: int, tp: TensorParallel = SINGLE) -> None:
-        super().__init__(in_features // tp.size, out_features, bias=False)
+    def __init__(
+        self, in_features: int, out_features: int, tp: TensorParallel = SINGLE, bias: bool = False
+    ) -> None:
+        super().__init__(in_features // tp.size, out_features, bias=bias)
         self.tp = tp
         set_weight_loader(self, self._load, (out_features, in_features))
+        if self.bias is not None:
+            set_param_loader(self.bias, copy_weight)
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
         start, length = self.tp.slice_of(loaded.shape[1])
         copy_weight(param, loaded.narrow(1, start, length))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(super().forward(x))
+        out = self.tp.all_reduce(self.project(x))
+        return out if self.bias is None else out + self.bias
 
 
 class MergedLinear(LinearBase):

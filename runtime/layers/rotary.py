@@ -1,4 +1,4 @@
-"""Rotary position embedding (Llama's rotate-half form) with llama3 and linear scaling."""
+"""Rotary position embedding (Llama's rotate-half form) with llama3, linear and YaRN scaling."""
 
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ import torch
 from torch import nn
 
 
-def _inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None) -> torch.Tensor:
+def _inv_freq(
+    head_dim: int, theta: float, scaling: Mapping[str, Any] | None
+) -> tuple[torch.Tensor, float]:
+    """The rotation frequencies, and the factor cos and sin are scaled by (YaRN's; else 1)."""
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     if scaling is None:
-        return inv
+        return inv, 1.0
     kind = scaling["rope_type"]
     factor = float(scaling["factor"])
     if kind == "linear":
-        return inv / factor
+        return inv / factor, 1.0
     if kind == "llama3":
         # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
         low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
@@ -29,8 +32,36 @@ def _inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None) ->
         smooth = (old_len / wavelen - low) / (high - low)
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        return torch.where(medium, blended, scaled)
-    raise ValueError(f"rope scaling {kind!r} is not supported; supported: linear, llama3")
+        return torch.where(medium, blended, scaled), 1.0
+    if kind == "yarn":
+        return _yarn(inv, head_dim, theta, factor, scaling)
+    raise ValueError(f"rope scaling {kind!r} is not supported; supported: linear, llama3, yarn")
+
+
+def _yarn(
+    inv: torch.Tensor, head_dim: int, theta: float, factor: float, scaling: Mapping[str, Any]
+) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv:2309.00071) as transformers computes it: dimensions that turn more than
+    beta_fast times over the original context keep their frequency, those under beta_slow
+    are slowed by `factor`, a linear ramp between; attention is sharpened by 0.1 ln(factor) + 1
+    through cos and sin (GPT-OSS: factor 32 over 4096 original positions)."""
+    old_len = float(scaling["original_max_position_embeddings"])
+    fast, slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+
+    def dim_of(rotations: float) -> float:  # the dimension turning `rotations` times
+        return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(fast), dim_of(slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low)
+            / (high - low if high != low else 0.001)).clamp(0, 1)  # fmt: skip
+    kept = 1 - ramp  # 1 where the frequency extrapolates unchanged
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return inv / factor * (1 - kept) + inv * kept, float(attention)
 
 
 @dataclass(frozen=True)
@@ -70,14 +101,14 @@ class RotaryEmbedding(nn.Module):
         self, head_dim: int, max_positions: int, theta: float, scaling: Mapping[str, Any] | None
     ) -> None:
         super().__init__()
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64),
-                            _inv_freq(head_dim, theta, scaling))  # fmt: skip
+        inv_freq, attention = _inv_freq(head_dim, theta, scaling)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         sign = torch.cat([-torch.ones_like(freqs), torch.ones_like(freqs)], dim=-1)
         self.cos: torch.Tensor
         self.sin: torch.Tensor
-        self.register_buffer("cos", emb.cos().float(), persistent=False)
-        self.register_buffer("sin", (emb.sin() * sign).float(), persistent=False)
+        self.register_buffer("cos", (emb.cos() * attention).float(), persistent=False)
+        self.register_buffer("sin", (emb.sin() * sign * attention).float(), persistent=False)
         # runtime/native.py's library once a float32 CPU model is loaded (elementwise.c)
         self.native: ctypes.CDLL | None = None
 

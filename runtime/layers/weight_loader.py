@@ -32,9 +32,17 @@ def set_weight_loader(
     """Attach `loader` to the module's own parameters (not its children's); a sharded weight
     also records the shape of the whole tensor its loader takes."""
     for name, param in module.named_parameters(recurse=False):
-        param.weight_loader = loader  # type: ignore[attr-defined]
-        if logical_shape and name == "weight":
-            param.logical_shape = logical_shape  # type: ignore[attr-defined]
+        set_param_loader(param, loader, logical_shape if name == "weight" else ())
+
+
+def set_param_loader(
+    param: nn.Parameter, loader: WeightLoader, logical_shape: tuple[int, ...] = ()
+) -> None:
+    """One parameter's loader, and the shape of the whole tensor it takes where the parameter
+    holds a slice of it, or another layout of it."""
+    param.weight_loader = loader  # type: ignore[attr-defined]
+    if logical_shape:
+        param.logical_shape = logical_shape  # type: ignore[attr-defined]
 
 
 def logical_shape(param: nn.Parameter) -> tuple[int, ...]:

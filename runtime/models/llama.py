@@ -1,4 +1,7 @@
-"""The Llama family on our layers: Llama 2/3, Qwen2 (q/k/v bias), Qwen3 (q/k head norm)."""
+"""The Llama family on our layers: Llama 2/3, Qwen2 (q/k/v bias), Qwen3 (q/k head norm), and
+GPT-OSS, a Llama-shaped decoder with a mixture-of-experts MLP (layers/moe.py), biases on every
+attention projection, a learned softmax sink per query head, and sliding-window attention on
+every other layer."""
 
 from __future__ import annotations
 
@@ -12,8 +15,10 @@ from runtime.config import ModelConfig
 from runtime.layers.activation import SiluAndMul
 from runtime.layers.embedding import LMHead, VocabEmbedding
 from runtime.layers.linear import MergedLinear, RowParallelLinear
+from runtime.layers.moe import MoE, dequantize_mxfp4
 from runtime.layers.norm import RMSNorm
 from runtime.layers.rotary import Rope, RotaryEmbedding
+from runtime.layers.weight_loader import set_param_loader
 from runtime.parallel import SINGLE, TensorParallel
 
 # (our fused projection, the checkpoint's separate one, its shard id)
@@ -41,7 +46,9 @@ class Attention(nn.Module):
     """Sharded by heads: rank r runs query heads [r * H/N, (r + 1) * H/N) and the K/V heads
     they read, so attention itself needs no communication; o_proj sums the ranks' parts."""
 
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, tp: TensorParallel) -> None:
+    def __init__(
+        self, cfg: ModelConfig, backend: AttentionBackend, tp: TensorParallel, layer: int
+    ) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = (
             cfg.num_attention_heads // tp.size, kv_heads_per_rank(cfg, tp), cfg.head_dim,
@@ -53,7 +60,13 @@ class Attention(nn.Module):
             cfg.hidden_size, [q_size, kv_size, kv_size], ["q", "k", "v"], cfg.attention_bias,
             tp, [tp.size, kv_parts, kv_parts],
         )  # fmt: skip
-        self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp)
+        self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp, cfg.o_proj_bias)
+        self.sliding_window = cfg.window_of(layer)
+        self.sinks: nn.Parameter | None = None
+        if cfg.attention_sinks:  # one per query head: this rank's heads' share
+            self.sinks = nn.Parameter(torch.empty(self.heads))
+            set_param_loader(self.sinks, self._load_sinks, (cfg.num_attention_heads,))
+        self.tp = tp
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.backend = backend
@@ -70,8 +83,15 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope.apply(q), rope.apply(k)
-        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+        # The kernels take sinks in float32 whatever the model's dtype (a no-op in float32).
+        sinks = None if self.sinks is None else self.sinks.float()
+        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale,
+                                   sliding_window=self.sliding_window, sinks=sinks)  # fmt: skip
         return self.o_proj(out.reshape(tokens, self.heads * self.head_dim))  # type: ignore[no-any-return]
+
+    def _load_sinks(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
+        start, length = self.tp.slice_of(loaded.shape[0])
+        param.data.copy_(loaded.narrow(0, start, length))
 
 
 class MLP(nn.Module):
@@ -91,12 +111,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, tp: TensorParallel) -> None:
+    def __init__(
+        self, cfg: ModelConfig, backend: AttentionBackend, tp: TensorParallel, layer: int
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, backend, tp)
+        self.self_attn = Attention(cfg, backend, tp, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, tp)
+        self.mlp = MLP(cfg, tp) if cfg.moe is None else MoE(cfg, tp)
 
     def forward(
         self,
@@ -124,7 +146,7 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings,
                                       cfg.rope_theta, cfg.rope_scaling)  # fmt: skip
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, backend, tp) for _ in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, backend, tp, i) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -137,6 +159,8 @@ class LlamaForCausalLM(nn.Module):
     ) -> None:
         super().__init__()
         self.config = cfg
+        # The MoE layers' expert grouping reads group sizes on the host (layers/moe.py).
+        self.supports_cuda_graphs = cfg.moe is None
         self.model = LlamaModel(cfg, backend, tp)
         self.lm_head = LMHead(self.model.embed_tokens, cfg.tie_word_embeddings)
 
@@ -167,9 +191,19 @@ class LlamaForCausalLM(nn.Module):
         arrived), so the caller can name what the checkpoint lacked."""
         params = dict(self.named_parameters())
         arrived: dict[str, set[str | None]] = {}
+        mxfp4: dict[str, dict[str, torch.Tensor]] = {}  # an expert weight's blocks or scales
         for hf_name, tensor in weights:
             if "rotary_emb.inv_freq" in hf_name:
                 continue  # recomputed, not learned
+            if hf_name.endswith(("_blocks", "_scales")):
+                # OpenAI's checkpoints: an expert weight in MXFP4, whole once both parts came
+                stem, part = hf_name.rsplit("_", 1)
+                mxfp4.setdefault(stem, {})[part] = tensor
+                if len(mxfp4[stem]) < 2:
+                    continue
+                pair = mxfp4.pop(stem)
+                hf_name = stem
+                tensor = dequantize_mxfp4(pair["blocks"], pair["scales"], torch.float32)
             if hf_name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # some tied checkpoints store the head anyway: it is the embedding
             name, shard = hf_name, None

@@ -197,6 +197,37 @@ def test_flash_attn_needs_half_precision_and_blocks_of_256(
     assert "runs on CUDA" in str(flash_unusable(CPU, torch.bfloat16, 256))
 
 
+def test_flash_attn_is_unusable_for_a_model_with_sinks(
+    no_backend_env: pytest.MonkeyPatch,
+) -> None:
+    no_backend_env.setattr(importlib.util, "find_spec", lambda name: object())  # all installed
+    assert flash_unusable(CUDA, torch.bfloat16, 256) is None
+    assert "no attention sinks" in str(flash_unusable(CUDA, torch.bfloat16, 256, sinks=True))
+    # Named before the device: no other engine set-up would make flash-attn serve the model.
+    assert "no attention sinks" in str(flash_unusable(CPU, torch.bfloat16, 256, sinks=True))
+
+
+def test_on_cuda_a_model_with_sinks_auto_selects_triton_and_says_why(
+    no_backend_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("triton")
+    # Everything installed and a flash-attn block size: only the sinks rule flash-attn out.
+    no_backend_env.setattr(importlib.util, "find_spec", lambda name: object())
+    with caplog.at_level("INFO", logger="runtime.attention.selection"):
+        backend = select_backend(CUDA, torch.bfloat16, 256, sinks=True)
+    assert backend.name == "triton"
+    assert "no attention sinks" in caplog.text
+
+
+def test_forcing_flash_attn_for_a_model_with_sinks_is_refused(
+    no_backend_env: pytest.MonkeyPatch,
+) -> None:
+    no_backend_env.setattr(importlib.util, "find_spec", lambda name: object())
+    no_backend_env.setenv(BACKEND_ENV, "flash-attn")
+    with pytest.raises(ValueError, match="flash-attn 2 has no attention sinks"):
+        select_backend(CUDA, torch.bfloat16, 256, sinks=True)
+
+
 def test_forcing_triton_on_the_cpu_needs_its_interpreter(
     no_backend_env: pytest.MonkeyPatch,
 ) -> None:

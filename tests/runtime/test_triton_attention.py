@@ -18,6 +18,7 @@ from runtime.attention.triton_paged import TritonAttention, paged_decode, splits
 from runtime.models.llama import LlamaForCausalLM
 from tests.runtime.paged import Chunk, new_caches, run_step, small_llama
 from tests.runtime.test_attention_backends import decode_step
+from tests.runtime.test_attention_sinks_window import SINKS, assert_matches, naive_attention
 
 # Where the kernels run: CUDA when there is one (compiled), else the CPU (interpreted).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,6 +98,26 @@ def test_contexts_split_over_programs_combine_to_the_reference(
             q[i][:, None], keys, values, scale=32**-0.5, enable_gqa=True
         )[:, 0]
         assert (got[i] - want).abs().max().item() < 1e-5, (i, context)
+
+
+@pytest.mark.parametrize("sinks", SINKS)
+# Windows starting inside a part, crossing one or several parts' edges, and wider than every
+# context; a partition of 32 (two tiles) cuts the longest context into five parts.
+@pytest.mark.parametrize("window", [None, 20, 40, 100, 200])
+def test_split_contexts_with_a_window_and_sinks_combine_to_the_definition(
+    window: int | None, sinks: str
+) -> None:
+    contexts = [1, 31, 33, 70, 0, 160]  # an empty one too: a padding row, every part empty
+    q, k, v, cache, meta = decode_step([max(c, 1) for c in contexts], 8, 2, 16, 4)
+    meta = dataclasses.replace(meta, context_lens=torch.tensor(contexts))
+    TorchAttention()._write(k, v, cache, meta.slot_mapping)  # the new tokens, as forward does
+    assert splits_for(6 * 2, meta.block_tables.shape[1] * 4, DEVICE, 32) > 1
+    logits = SINKS[sinks]
+    on = [t.to(DEVICE) for t in (q, cache, meta.block_tables, meta.context_lens)]
+    got = paged_decode(*on, 0.25, window, None if logits is None else logits.to(DEVICE),
+                       partition=32).cpu()  # fmt: skip
+    assert torch.equal(got[4], torch.zeros_like(got[4]))
+    assert_matches(got, naive_attention(q, cache, meta, 0.25, window, logits))
 
 
 def test_programs_that_fill_the_gpu_are_not_split() -> None:

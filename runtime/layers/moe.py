@@ -1,0 +1,152 @@
+"""GPT-OSS's mixture-of-experts MLP: a router picks `top_k` experts per token, each a clamped
+SwiGLU with biases, and the token's output is their sum weighted by the softmax of the picked
+router logits.
+
+Tensor parallelism splits every expert the way the dense MLP is split (vLLM's MoE under
+tensor parallelism): rank r holds columns [r * I/N, (r + 1) * I/N) of each expert's gate and
+up projections and the matching columns of its down projection, so every rank runs the experts
+the router picks on its slice and one all-reduce per layer sums them. The router is small and
+replicated; every rank sees the same hidden states (they come out of an all-reduce), so all
+route alike. Expert parallelism (whole experts per rank) is not built.
+
+Checkpoint layouts (transformers' GptOssExperts): gate_up_proj [E, hidden, 2I] with gate and
+up columns interleaved (gate at even, up at odd), down_proj [E, I, hidden], both multiplied as
+x @ W. The loaders turn them into this module's [E, out, in] rows (gate rows, then up rows),
+as the dense layers hold theirs, and cut this rank's slice. OpenAI's released checkpoints
+store the two expert weights in MXFP4 instead (`dequantize_mxfp4`); they are dequantised at
+load to the model's dtype, so they run as float weights (no MXFP4 kernel is built).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.config import ModelConfig
+from runtime.layers.activation import ClampedSwiGLU
+from runtime.layers.weight_loader import copy_weight, set_param_loader, set_weight_loader
+from runtime.parallel import SINGLE, TensorParallel
+
+# The magnitudes of an FP4 (e2m1) nibble's low 3 bits; its top bit is the sign.
+FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+MXFP4_BLOCK = 32  # values sharing one scale
+
+
+def dequantize_mxfp4(
+    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """An MXFP4 expert weight as the float tensor transformers' layout holds: blocks uint8
+    [experts, rows, groups, 16] (two FP4 values a byte, the low nibble first), scales uint8
+    [experts, rows, groups] (a power of two, biased by 127) -> [experts, groups * 32, rows]."""
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] * 2 != MXFP4_BLOCK:
+        raise ValueError(
+            f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)}: expected "
+            f"[..., groups, {MXFP4_BLOCK // 2}] and [..., groups]"
+        )
+    table = torch.tensor(FP4_MAGNITUDES + tuple(-m for m in FP4_MAGNITUDES))
+    packed = blocks.to(torch.uint8).long()
+    values = torch.stack([table[packed & 0x0F], table[packed >> 4]], dim=-1).flatten(-2)
+    values = torch.ldexp(values, scales.to(torch.int32)[..., None] - 127)
+    experts, rows = blocks.shape[:2]
+    return values.reshape(experts, rows, -1).transpose(1, 2).to(dtype)
+
+
+def _expect(loaded: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
+    if tuple(loaded.shape) != shape:
+        raise ValueError(f"checkpoint tensor {tuple(loaded.shape)} != {name} {shape}")
+
+
+class Experts(nn.Module):
+    """Every expert's weights, this rank's columns of them; `forward` runs the routed ones."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
+        super().__init__()
+        assert cfg.moe is not None
+        experts, hidden = cfg.moe.num_experts, cfg.hidden_size
+        self.intermediate, self.tp = cfg.intermediate_size, tp
+        local = cfg.intermediate_size // tp.size
+        # Left uninitialised: every parameter is filled by a loader (checkpoint or dummy).
+        self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * local, hidden))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(experts, 2 * local))
+        self.down_proj = nn.Parameter(torch.empty(experts, hidden, local))
+        # Whole on every rank, added once after the all-reduce (MoE.forward).
+        self.down_proj_bias = nn.Parameter(torch.empty(experts, hidden))
+        full = 2 * cfg.intermediate_size
+        set_param_loader(self.gate_up_proj, self._load_gate_up, (experts, hidden, full))
+        set_param_loader(self.gate_up_proj_bias, self._load_gate_up_bias, (experts, full))
+        set_param_loader(self.down_proj, self._load_down,
+                         (experts, cfg.intermediate_size, hidden))  # fmt: skip
+        set_param_loader(self.down_proj_bias, copy_weight)
+        self.act = ClampedSwiGLU(cfg.moe.swiglu_alpha, cfg.moe.swiglu_limit)
+
+    def _columns(self, interleaved: torch.Tensor) -> torch.Tensor:
+        """[..., 2I] with gate and up interleaved -> this rank's [..., gate cols | up cols]."""
+        start, length = self.tp.slice_of(self.intermediate)
+        gate, up = interleaved[..., 0::2], interleaved[..., 1::2]
+        return torch.cat([gate[..., start : start + length], up[..., start : start + length]], -1)
+
+    def _load_gate_up(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
+        experts, _, hidden = param.shape
+        _expect(loaded, (experts, hidden, 2 * self.intermediate), "gate_up_proj")
+        param.data.copy_(self._columns(loaded).transpose(1, 2))
+
+    def _load_gate_up_bias(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None
+    ) -> None:
+        _expect(loaded, (param.shape[0], 2 * self.intermediate), "gate_up_proj_bias")
+        param.data.copy_(self._columns(loaded))
+
+    def _load_down(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
+        experts, hidden, _ = param.shape
+        _expect(loaded, (experts, self.intermediate, hidden), "down_proj")
+        start, length = self.tp.slice_of(self.intermediate)
+        param.data.copy_(loaded.narrow(1, start, length).transpose(1, 2))
+
+    def forward(
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """This rank's partial sum over each token's experts [tokens, top_k] (weights
+        [tokens, top_k]) of x [tokens, hidden], without the down bias.
+
+        Tokens are grouped by expert, so each routed expert is two matmuls over all its
+        tokens, as vLLM's fused MoE groups them. The group sizes come to the host (one
+        synchronisation a layer), so this path cannot be captured in a CUDA graph."""
+        top_k = experts.shape[1]
+        flat = experts.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        tokens, scale = order // top_k, weights.flatten()[order].to(x.dtype)
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = tokens[start : start + n]
+            h = F.linear(x[rows], self.gate_up_proj[expert], self.gate_up_proj_bias[expert])
+            y = F.linear(self.act(h), self.down_proj[expert])
+            out.index_add_(0, rows, y * scale[start : start + n, None])
+            start += n
+        return out
+
+
+class MoE(nn.Module):
+    """The MLP of a GPT-OSS layer, named as its checkpoint names it (mlp.router, mlp.experts)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE) -> None:
+        super().__init__()
+        assert cfg.moe is not None
+        self.top_k, self.tp = cfg.moe.top_k, tp
+        # A plain nn.Linear, so neither quantisation nor weight packing touches it: a rounded
+        # router logit can pick another expert (vLLM keeps the gate float too).
+        self.router = nn.Linear(cfg.hidden_size, cfg.moe.num_experts, bias=True)
+        set_weight_loader(self.router)
+        self.experts = Experts(cfg, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.router(x)
+        top, experts = torch.topk(logits, self.top_k, dim=-1)
+        weights = torch.softmax(top.float(), dim=-1)  # [tokens, top_k]
+        out = self.tp.all_reduce(self.experts(x, experts, weights))
+        bias = (weights[..., None] * self.experts.down_proj_bias[experts].float()).sum(1)
+        return out + bias.to(out.dtype)

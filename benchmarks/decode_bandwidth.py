@@ -9,7 +9,7 @@ ceiling. The issue's goal on an H100/H200 is 75% of it for a Llama-3-8B shape in
 
     python benchmarks/decode_bandwidth.py --model llama-3-8b          # on a GPU (dummy weights)
     python benchmarks/decode_bandwidth.py --model small               # the CPU smoke run
-    python benchmarks/decode_bandwidth.py --model gpt-oss-20b --enforce-eager  # MoE, on a GPU
+    python benchmarks/decode_bandwidth.py --model gpt-oss-20b          # MoE, on a GPU
 """
 
 from __future__ import annotations

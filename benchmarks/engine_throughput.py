@@ -6,7 +6,7 @@ Same model, same requests, one process: our engine (continuous batching over the
 `generate`'s best case; mixed lengths (drawn uniformly, as nano-vllm's benchmark) are where
 continuous batching should win. Greedy, EOS ignored, float32 on CPU.
 
-    python benchmarks/engine_throughput.py [--models small4 tiny] [--concurrency 1 8 32]
+    python benchmarks/engine_throughput.py [--models small4 tiny moe4] [--concurrency 1 8 32]
         [--attention auto torch]   # our engine once per attention backend, side by side
         [--rounds 3]               # each figure the median of 3 interleaved measurements
 """
@@ -44,6 +44,19 @@ def _small4(root: Path) -> Path:
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(root / "small4")
     return root / "small4"
+
+
+def _moe4(root: Path) -> Path:
+    """small4's size in GPT-OSS's form: 8 experts of 256 columns, 2 a token, a 128-token
+    sliding window on every other layer, sinks, YaRN."""
+    config = transformers.GptOssConfig(
+        vocab_size=4096, hidden_size=256, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=32, num_local_experts=8,
+        num_experts_per_tok=2, sliding_window=128, max_position_embeddings=131072,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.GptOssForCausalLM(config).save_pretrained(root / "moe4")
+    return root / "moe4"
 
 
 def _workload(n: int, mixed: bool, vocab: int, seed: int = 0) -> Workload:
@@ -120,7 +133,8 @@ def main() -> None:
                 "ours / generate", "ours / generate_batch"):  # fmt: skip
         table.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {"small4": lambda: _small4(Path(tmp)), "tiny": ensure_tiny}
+        paths = {"small4": lambda: _small4(Path(tmp)), "moe4": lambda: _moe4(Path(tmp)),
+                 "tiny": ensure_tiny}  # fmt: skip
         for name in args.models:
             path = paths[name]()
             hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()

@@ -17,7 +17,8 @@ torch.cuda.get_device_name())" | tee "$out/device.txt"
 echo "== tests"
 $py -m pytest -q -p no:cacheprovider tests/runtime/test_triton_attention.py \
     tests/runtime/test_cuda_graphs.py tests/runtime/test_attention_backends.py \
-    tests/runtime/test_device.py 2>&1 | tee "$out/tests.txt"
+    tests/runtime/test_device.py tests/runtime/test_attention_sinks_window.py \
+    tests/runtime/test_moe_triton.py 2>&1 | tee "$out/tests.txt"
 # 2. Batch-1 decode bandwidth against the copy bandwidth, Llama-3-8B shape, bf16 dummy weights,
 #    with CUDA graphs and without (the goal: >= 75% of the copy bandwidth).
 echo "== decode bandwidth"
@@ -30,8 +31,9 @@ $py -m bench scenario=concurrency target=bundled target.model=llama-3-8b \
     runtime.load_format=dummy "scenario.concurrency=[1,8,32,64]" scenario.num_requests=128 \
     scenario.repeats=2 2>&1 | tee "$out/harness.txt"
 # 4. The motivating model's shape: GPT-OSS-20B, bf16 dummy weights (42 GB: one H100/H200 holds
-#    it), batch-1 decode over its active 3.6B parameters. Its experts run eagerly
-#    (runtime/layers/moe.py synchronises with the host once a layer).
+#    it), batch-1 decode over its active 3.6B parameters, experts through the fused Triton
+#    kernels (runtime/layers/moe_triton.py), with CUDA graphs and without.
 echo "== gpt-oss-20b"
-$py benchmarks/decode_bandwidth.py --model gpt-oss-20b --enforce-eager --tokens 64 2>&1 \
-    | tee "$out/gpt_oss.txt"
+$py benchmarks/decode_bandwidth.py --model gpt-oss-20b --tokens 64 2>&1 | tee "$out/gpt_oss.txt"
+$py benchmarks/decode_bandwidth.py --model gpt-oss-20b --tokens 64 --enforce-eager 2>&1 \
+    | tee -a "$out/gpt_oss.txt"

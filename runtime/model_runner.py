@@ -21,13 +21,14 @@ from typing import cast
 import torch
 
 from runtime.attention.interface import AttentionBackend, AttentionMetadata
-from runtime.attention.selection import select_backend
+from runtime.attention.selection import select_backend, triton_unusable
 from runtime.config import EngineConfig, ModelConfig
 from runtime.cuda_graphs import DecodeGraphs
 from runtime.device import DEVICE_ENV, engine_device, model_dtype
 from runtime.kv_sizing import GIB, MemoryProfile, kv_block_bytes, kv_blocks_for
 from runtime.layers.activation import SiluAndMul
 from runtime.layers.linear import pack_weights
+from runtime.layers.moe import Experts, MoE
 from runtime.layers.norm import RMSNorm
 from runtime.layers.rotary import RotaryEmbedding
 from runtime.loader import LoadTimes, load_checkpoint, load_dummy
@@ -95,8 +96,8 @@ class ModelRunner:
             "cuda_graphs": "off" if self.graphs is None
             else ",".join(map(str, self.graphs.sizes)),
         }  # fmt: skip
-        if self.model.config.moe is not None:
-            kernels["experts"] = "torch"  # grouped by expert, torch's matmuls (layers/moe.py)
+        if isinstance(layer.mlp, MoE):
+            kernels["experts"] = "torch" if layer.mlp.experts.fused is None else "triton-fused"
         return kernels
 
     def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> float:
@@ -216,6 +217,17 @@ def use_cpu_kernels(model: LlamaForCausalLM, quantization: str | None) -> None:
         pack_int8_weights(model)
 
 
+def use_fused_experts(model: LlamaForCausalLM) -> int:
+    """A CUDA model's MoE layers run their experts through moe_triton.py's kernels (no host
+    synchronisation, so decode can be captured). Returns how many layers changed."""
+    from runtime.layers.moe_triton import fused_experts  # Triton: only where it runs
+
+    layers = [m for m in model.modules() if isinstance(m, Experts)]
+    for layer in layers:
+        layer.fused = fused_experts
+    return len(layers)
+
+
 def load_runner(
     cfg: EngineConfig, path: Path, mcfg: ModelConfig, max_model_len: int, tp: TensorParallel
 ) -> LoadedRunner:
@@ -247,6 +259,8 @@ def load_runner(
             log.warning("--quantization %s converts the attention projections only: "
                         "the experts stay %s (runtime/layers/moe.py)",
                         cfg.quantization, dtype)  # fmt: skip
+    if mcfg.moe is not None and device.type == "cuda" and triton_unusable(device) is None:
+        use_fused_experts(model)
     if device.type == "cpu" and dtype == torch.float32:
         start = time.perf_counter()
         try:
@@ -286,8 +300,7 @@ def load_runner(
         log.info("KV cache: %d blocks (%.2f GiB on %s) from %s",
                  blocks, runner.kv_cache_bytes / GIB, device, source)  # fmt: skip
     graph_capture_s = 0.0
-    capturable = backend.supports_cuda_graphs and model.supports_cuda_graphs
-    if device.type == "cuda" and not cfg.enforce_eager and capturable:
+    if device.type == "cuda" and not cfg.enforce_eager and model.supports_cuda_graphs:
         graph_capture_s = runner.capture_graphs(cfg.max_num_seqs, max_model_len)
         if tp.rank == 0:
             assert runner.graphs is not None
@@ -299,7 +312,7 @@ def load_runner(
         elif not backend.supports_cuda_graphs:
             why = f"{backend.name} attention cannot be captured"
         else:
-            why = "the mixture-of-experts layers synchronise with the host"
+            why = "the experts run torch's grouping, which synchronises with the host"
         log.info("decode runs eagerly (%s)", why)
     if tp.rank == 0:
         log.info("kernels: %s", " ".join(f"{k}={v}" for k, v in runner.kernels().items()))

@@ -19,6 +19,8 @@ load to the model's dtype, so they run as float weights (no MXFP4 kernel is buil
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,6 +81,9 @@ class Experts(nn.Module):
                          (experts, cfg.intermediate_size, hidden))  # fmt: skip
         set_param_loader(self.down_proj_bias, copy_weight)
         self.act = ClampedSwiGLU(cfg.moe.swiglu_alpha, cfg.moe.swiglu_limit)
+        # moe_triton.fused_experts once a CUDA model is loaded where Triton runs: the same sum
+        # in a fixed number of kernels, with no host synchronisation.
+        self.fused: Callable[..., torch.Tensor] | None = None
 
     def _columns(self, interleaved: torch.Tensor) -> torch.Tensor:
         """[..., 2I] with gate and up interleaved -> this rank's [..., gate cols | up cols]."""
@@ -110,8 +115,12 @@ class Experts(nn.Module):
         [tokens, top_k]) of x [tokens, hidden], without the down bias.
 
         Tokens are grouped by expert, so each routed expert is two matmuls over all its
-        tokens, as vLLM's fused MoE groups them. The group sizes come to the host (one
-        synchronisation a layer), so this path cannot be captured in a CUDA graph."""
+        tokens, as vLLM's fused MoE groups them. Here the group sizes come to the host (one
+        synchronisation a layer), so this path cannot be captured in a CUDA graph; the fused
+        one can."""
+        if self.fused is not None:
+            return self.fused(x, experts, weights, self.gate_up_proj, self.gate_up_proj_bias,
+                              self.down_proj, self.act)  # fmt: skip
         top_k = experts.shape[1]
         flat = experts.flatten()
         order = torch.argsort(flat, stable=True)

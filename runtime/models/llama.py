@@ -6,6 +6,7 @@ every other layer."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import nn
@@ -159,10 +160,19 @@ class LlamaForCausalLM(nn.Module):
     ) -> None:
         super().__init__()
         self.config = cfg
-        # The MoE layers' expert grouping reads group sizes on the host (layers/moe.py).
-        self.supports_cuda_graphs = cfg.moe is None
         self.model = LlamaModel(cfg, backend, tp)
         self.lm_head = LMHead(self.model.embed_tokens, cfg.tie_word_embeddings)
+
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """Whether a decode step runs without host synchronisation, as capture needs: the
+        attention backend's say, and of a mixture of experts, whether its experts run fused
+        (layers/moe_triton.py; the torch grouping reads group sizes on the host)."""
+        layers = [cast(DecoderLayer, layer) for layer in self.model.layers]
+        return layers[0].self_attn.backend.supports_cuda_graphs and all(
+            not isinstance(layer.mlp, MoE) or layer.mlp.experts.fused is not None
+            for layer in layers
+        )
 
     def forward(
         self,

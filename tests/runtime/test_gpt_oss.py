@@ -15,12 +15,13 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from runtime.attention.cpu_kernel import CpuKernelAttention
 from runtime.attention.interface import AttentionBackend
 from runtime.attention.reference import TorchAttention
+from runtime.attention.triton_paged import TritonAttention
 from runtime.config import EngineConfig, ModelConfig, named_architecture
 from runtime.engine import Engine
 from runtime.layers.moe import MoE
 from runtime.layers.rotary import RotaryEmbedding
 from runtime.loader import load_checkpoint, load_dummy
-from runtime.model_runner import use_cpu_kernels
+from runtime.model_runner import use_cpu_kernels, use_fused_experts
 from runtime.models.llama import LlamaForCausalLM
 from runtime.parallel import TensorParallel
 from runtime.sequence import SamplingParams
@@ -96,6 +97,17 @@ def test_decoding_token_by_token_matches_transformers(
     for position in range(prefix, len(PROMPT)):
         got.append(run_step(model, caches, [Chunk([PROMPT[position]], position, blocks)])[0])
     assert (torch.cat(got) - expected).abs().max().item() < TOLERANCE
+
+
+def test_fused_experts_give_the_logits_and_make_decode_capturable(tmp_path: Path) -> None:
+    """The GPU path (Triton, here in its interpreter): the experts through moe_triton.py's
+    kernels, and with them nothing left in a decode step that syncs with the host."""
+    expected = _reference_logits(_hf_checkpoint(tmp_path))
+    model = _ours(tmp_path, TritonAttention())
+    assert not model.supports_cuda_graphs  # torch's grouping reads group sizes on the host
+    assert use_fused_experts(model) == SHAPE["num_hidden_layers"]
+    assert model.supports_cuda_graphs
+    assert (prefill(model, PROMPT) - expected).abs().max().item() < TOLERANCE
 
 
 def test_an_mxfp4_checkpoint_loads_dequantised(tmp_path: Path) -> None:

@@ -97,7 +97,9 @@ class ModelRunner:
             else ",".join(map(str, self.graphs.sizes)),
         }  # fmt: skip
         if isinstance(layer.mlp, MoE):
-            kernels["experts"] = "torch" if layer.mlp.experts.fused is None else "triton-fused"
+            experts = layer.mlp.experts
+            kernels["experts"] = ("triton-fused" if experts.fused is not None
+                                  else "panel-gemm" if experts.packed else "torch")  # fmt: skip
         return kernels
 
     def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> float:
@@ -204,13 +206,15 @@ def _profile_memory(
 
 def use_cpu_kernels(model: LlamaForCausalLM, quantization: str | None) -> None:
     """Float32 on the CPU: norms, activation and rotary in runtime/csrc/elementwise.c, and
-    the linear layers' float or int8 weights packed for panel_gemm.c (int4 keeps torch's
-    kernel). Raises KernelUnavailableError, changing nothing, where the kernels cannot be
-    built."""
+    the linear layers' float or int8 weights and the experts' packed for panel_gemm.c (int4
+    keeps torch's kernel). Raises KernelUnavailableError, changing nothing, where the kernels
+    cannot be built."""
     lib = load_kernels()
     for module in model.modules():
         if isinstance(module, RMSNorm | SiluAndMul | RotaryEmbedding):
             module.native = lib
+        elif isinstance(module, Experts):  # never quantised: packed whatever --quantization
+            module.pack()
     if quantization is None:
         pack_weights(model)
     elif quantization == "int8":

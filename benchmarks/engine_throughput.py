@@ -35,28 +35,29 @@ from runtime.tiny import ensure_tiny
 Workload = list[tuple[list[int], int]]  # (prompt ids, output tokens)
 
 
+def _saved(root: Path, name: str, model: type[transformers.PreTrainedModel],
+           config: transformers.PretrainedConfig) -> Path:  # fmt: skip
+    torch.manual_seed(0)
+    model(config).save_pretrained(root / name)
+    return root / name
+
+
 def _small4(root: Path) -> Path:
     """The issue's reference shape: a 4-layer, 256-hidden Llama with a 4096-token vocabulary."""
-    config = transformers.LlamaConfig(
+    return _saved(root, "small4", transformers.LlamaForCausalLM, transformers.LlamaConfig(
         vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "small4")
-    return root / "small4"
+    ))  # fmt: skip
 
 
 def _moe4(root: Path) -> Path:
     """small4's size in GPT-OSS's form: 8 experts of 256 columns, 2 a token, a 128-token
     sliding window on every other layer, sinks, YaRN."""
-    config = transformers.GptOssConfig(
+    return _saved(root, "moe4", transformers.GptOssForCausalLM, transformers.GptOssConfig(
         vocab_size=4096, hidden_size=256, intermediate_size=256, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=4, head_dim=32, num_local_experts=8,
         num_experts_per_tok=2, sliding_window=128, max_position_embeddings=131072,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.GptOssForCausalLM(config).save_pretrained(root / "moe4")
-    return root / "moe4"
+    ))  # fmt: skip
 
 
 def _workload(n: int, mixed: bool, vocab: int, seed: int = 0) -> Workload:

@@ -26,6 +26,7 @@ from runtime.models.llama import LlamaForCausalLM
 from runtime.parallel import TensorParallel
 from runtime.sequence import SamplingParams
 from tests.runtime.paged import Chunk, new_caches, prefill, run_step
+from tests.runtime.ranks import assert_two_ranks_give_the_tokens_of_one
 
 TOLERANCE = 1e-4  # max abs logit difference, float32 on CPU
 YARN = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
@@ -211,12 +212,7 @@ PROMPTS = [[(7 * i + j) % 300 + 3 for j in range(n)] for i, n in enumerate((3, 1
 def test_two_ranks_give_the_greedy_tokens_of_one(tmp_path: Path) -> None:
     _hf_checkpoint(tmp_path)
     cfg = EngineConfig(model=str(tmp_path), max_model_len=256, num_kv_blocks=64)
-    one = Engine(cfg).generate(PROMPTS, GREEDY)
-    two = Engine(EngineConfig(**{**vars(cfg), "tensor_parallel_size": 2}))
-    try:
-        assert two.generate(PROMPTS, GREEDY) == one
-    finally:
-        two.close()
+    assert_two_ranks_give_the_tokens_of_one(cfg, PROMPTS, GREEDY)
 
 
 def test_kernels_name_the_expert_path(tmp_path: Path) -> None:

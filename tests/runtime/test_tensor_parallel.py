@@ -27,6 +27,7 @@ from runtime.parallel import TensorParallel
 from runtime.sequence import SamplingParams
 from runtime.tiny import ensure_tiny
 from runtime.worker import WorkerDiedError
+from tests.runtime.ranks import assert_two_ranks_give_the_tokens_of_one
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 TINY = EngineConfig(model="tiny", max_model_len=256, num_kv_blocks=64)
@@ -140,12 +141,7 @@ def test_dummy_weights_give_the_same_tokens_at_any_size(tmp_path: Path, kv_heads
     (tmp_path / "config.json").write_text(json.dumps({**SHAPE, "num_key_value_heads": kv_heads}))
     cfg = EngineConfig(model=str(tmp_path), load_format="dummy", max_model_len=256,
                        num_kv_blocks=64)  # fmt: skip
-    one = Engine(cfg).generate(PROMPTS, GREEDY)
-    two = Engine(EngineConfig(**{**vars(cfg), "tensor_parallel_size": 2}))
-    try:
-        assert two.generate(PROMPTS, GREEDY) == one
-    finally:
-        two.close()
+    assert_two_ranks_give_the_tokens_of_one(cfg, PROMPTS, GREEDY)
 
 
 @pytest.mark.slow

@@ -93,9 +93,9 @@ class Experts(nn.Module):
         """For float32 on the CPU: each expert's two weights as panel_gemm.c's panels (as
         layers/linear.py's PanelWeight), the float ones dropped. An expert gets few rows in
         decode (tokens x top_k / experts), where torch's matmul spends most of its time
-        repacking the weight: a moe4 MoE layer over 32 decoding tokens took 1.8 ms with
-        torch's, 1.1 ms packed (with the one-gather grouping of `forward`). Raises
-        KernelUnavailableError where the kernel cannot be built."""
+        repacking the weight: a moe4 MoE layer over 32 decoding tokens runs 1.3-1.6x faster
+        packed (docs/perf.md). Raises KernelUnavailableError where the kernel cannot be
+        built."""
         gemm = load_kernels().panel_gemm_f32
         for name in ("gate_up_proj", "down_proj"):
             weight = getattr(self, name)

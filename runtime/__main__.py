@@ -109,8 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
     p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
-                   help="weight-only quantisation of the linear layers: int8 per output "
-                   "channel, int4 per group (default: float weights)")  # fmt: skip
+                   help="weight-only quantisation: of the linear layers, int8 per output "
+                   "channel or int4 per group; of a mixture of experts' experts, mxfp4 (as "
+                   "GPT-OSS ships) (default: float weights)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 

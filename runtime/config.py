@@ -13,7 +13,9 @@ import torch
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GptOssForCausalLM")
 ARCHITECTURES_DIR = Path(__file__).resolve().parent / "architectures"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-QUANTIZATIONS = ("int8", "int4")  # weight-only; see runtime/quantization.py
+# Weight-only: int8 and int4 the linear layers (runtime/quantization.py), mxfp4 a mixture of
+# experts' experts, as OpenAI ships GPT-OSS (runtime/layers/mxfp4.py).
+QUANTIZATIONS = ("int8", "int4", "mxfp4")
 
 
 @dataclass(frozen=True)

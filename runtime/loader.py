@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from runtime.config import EngineConfig, ModelConfig, named_architecture
+from runtime.layers import mxfp4
 from runtime.layers.weight_loader import logical_shape
 from runtime.models.llama import LlamaForCausalLM
 from runtime.tiny import ensure_tiny
@@ -50,7 +51,24 @@ def resolve_model(cfg: EngineConfig) -> tuple[Path, ModelConfig, int]:
             f"({mcfg.max_position_embeddings}), got {max_model_len}"
         )
     mcfg.check_tensor_parallel(cfg.tensor_parallel_size)
+    if cfg.quantization == "mxfp4":
+        _check_mxfp4(mcfg, cfg.tensor_parallel_size, cfg.model)
     return path, mcfg, max_model_len
+
+
+def _check_mxfp4(mcfg: ModelConfig, ranks: int, name: str) -> None:
+    if mcfg.moe is None:
+        raise ValueError(
+            f"quantization mxfp4 stores a mixture of experts' experts in MXFP4; {name} has no "
+            "experts: use int8 or int4"
+        )
+    columns = mcfg.intermediate_size // ranks
+    if columns % mxfp4.GROUP:
+        raise ValueError(
+            f"quantization mxfp4 groups {mxfp4.GROUP} input values of each expert's down "
+            f"projection: intermediate_size / tensor_parallel_size ({columns}) must be a "
+            f"multiple of {mxfp4.GROUP}"
+        )
 
 
 @dataclass(frozen=True)

@@ -213,9 +213,9 @@ def use_cpu_kernels(model: LlamaForCausalLM, quantization: str | None) -> None:
     for module in model.modules():
         if isinstance(module, RMSNorm | SiluAndMul | RotaryEmbedding):
             module.native = lib
-        elif isinstance(module, Experts):  # never quantised: packed whatever --quantization
+        elif isinstance(module, Experts) and not module.mxfp4:
             module.pack()
-    if quantization is None:
+    if quantization in (None, "mxfp4"):  # mxfp4 leaves the linear layers float
         pack_weights(model)
     elif quantization == "int8":
         pack_int8_weights(model)
@@ -259,9 +259,9 @@ def load_runner(
         start = time.perf_counter()
         quantize(model, cfg.quantization)  # after loading: the loaders write float weights
         quantize_s = time.perf_counter() - start
-        if mcfg.moe is not None and tp.rank == 0:
+        if mcfg.moe is not None and cfg.quantization != "mxfp4" and tp.rank == 0:
             log.warning("--quantization %s converts the attention projections only: "
-                        "the experts stay %s (runtime/layers/moe.py)",
+                        "the experts stay %s (--quantization mxfp4 converts them)",
                         cfg.quantization, dtype)  # fmt: skip
     if mcfg.moe is not None and device.type == "cuda" and triton_unusable(device) is None:
         use_fused_experts(model)

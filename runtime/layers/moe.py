@@ -13,8 +13,9 @@ Checkpoint layouts (transformers' GptOssExperts): gate_up_proj [E, hidden, 2I] w
 up columns interleaved (gate at even, up at odd), down_proj [E, I, hidden], both multiplied as
 x @ W. The loaders turn them into this module's [E, out, in] rows (gate rows, then up rows),
 as the dense layers hold theirs, and cut this rank's slice. OpenAI's released checkpoints
-store the two expert weights in MXFP4 instead (`dequantize_mxfp4`); they are dequantised at
-load to the model's dtype, so they run as float weights (no MXFP4 kernel is built).
+store the two expert weights in MXFP4 instead (layers/mxfp4.py); they are dequantised at
+load to the model's dtype, and `--quantization mxfp4` (`to_mxfp4`) holds them in MXFP4 again,
+value for value.
 """
 
 from __future__ import annotations
@@ -27,34 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.config import ModelConfig
+from runtime.layers import mxfp4
 from runtime.layers.activation import ClampedSwiGLU
 from runtime.layers.linear import panel_matmul, to_panels
 from runtime.layers.weight_loader import copy_weight, set_param_loader, set_weight_loader
 from runtime.native import load_kernels
 from runtime.parallel import SINGLE, TensorParallel
-
-# The magnitudes of an FP4 (e2m1) nibble's low 3 bits; its top bit is the sign.
-FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-MXFP4_BLOCK = 32  # values sharing one scale
-
-
-def dequantize_mxfp4(
-    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """An MXFP4 expert weight as the float tensor transformers' layout holds: blocks uint8
-    [experts, rows, groups, 16] (two FP4 values a byte, the low nibble first), scales uint8
-    [experts, rows, groups] (a power of two, biased by 127) -> [experts, groups * 32, rows]."""
-    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] * 2 != MXFP4_BLOCK:
-        raise ValueError(
-            f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)}: expected "
-            f"[..., groups, {MXFP4_BLOCK // 2}] and [..., groups]"
-        )
-    table = torch.tensor(FP4_MAGNITUDES + tuple(-m for m in FP4_MAGNITUDES))
-    packed = blocks.to(torch.uint8).long()
-    values = torch.stack([table[packed & 0x0F], table[packed >> 4]], dim=-1).flatten(-2)
-    values = torch.ldexp(values, scales.to(torch.int32)[..., None] - 127)
-    experts, rows = blocks.shape[:2]
-    return values.reshape(experts, rows, -1).transpose(1, 2).to(dtype)
 
 
 def _expect(loaded: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
@@ -88,6 +67,21 @@ class Experts(nn.Module):
         # in a fixed number of kernels, with no host synchronisation.
         self.fused: Callable[..., torch.Tensor] | None = None
         self._gemm: Any = None  # panel_gemm.c's entry point once `pack`ed
+        self.mxfp4 = False  # True once `to_mxfp4`: the weights held as MXFP4 blocks and scales
+
+    def to_mxfp4(self) -> None:
+        """Hold both weights in MXFP4 (layers/mxfp4.py), the float ones dropped: a quarter of
+        bfloat16's bytes. Each rank quantises its own slice; the down projection's groups run
+        along its columns, so a slice that is whole groups (loader.py checks) quantises as
+        the whole weight's does, and every tensor-parallel size gives the same values."""
+        for name in ("gate_up_proj", "down_proj"):
+            # One expert at a time: quantising holds a few float32 copies of what it converts.
+            parts = [mxfp4.quantize(w) for w in getattr(self, name)]
+            blocks, scales = (torch.stack(t) for t in zip(*parts, strict=True))
+            self.register_parameter(name, None)
+            for part, value in (("blocks", blocks), ("scales", scales)):
+                self.register_parameter(f"{name}_{part}", nn.Parameter(value, requires_grad=False))
+        self.mxfp4 = True
 
     def pack(self) -> None:
         """For float32 on the CPU: each expert's two weights as panel_gemm.c's panels (as
@@ -112,6 +106,10 @@ class Experts(nn.Module):
         self, name: str, expert: int, a: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """a @ W.T (+ bias) for expert `expert`'s weight `name`, in whichever form it is held."""
+        if self.mxfp4:  # this expert's weight dequantised for the one call (torch has no FP4)
+            weight = mxfp4.dequantize(getattr(self, f"{name}_blocks")[expert],
+                                      getattr(self, f"{name}_scales")[expert], a.dtype)  # fmt: skip
+            return F.linear(a, weight, bias)
         if self._gemm is None:
             return F.linear(a, getattr(self, name)[expert], bias)
         # The output width: the bias's of gate_up, the hidden size (down's bias's) of down.
@@ -153,6 +151,10 @@ class Experts(nn.Module):
         tokens, as vLLM's fused MoE groups them. Here the group sizes come to the host (one
         synchronisation a layer), so this path cannot be captured in a CUDA graph; the fused
         one can."""
+        if self.fused is not None and self.mxfp4:
+            return self.fused(x, experts, weights, self.gate_up_proj_blocks,
+                              self.gate_up_proj_scales, self.gate_up_proj_bias,
+                              self.down_proj_blocks, self.down_proj_scales, self.act)  # fmt: skip
         if self.fused is not None:
             return self.fused(x, experts, weights, self.gate_up_proj, self.gate_up_proj_bias,
                               self.down_proj, self.act)  # fmt: skip

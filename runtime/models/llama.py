@@ -13,10 +13,11 @@ from torch import nn
 
 from runtime.attention.interface import AttentionBackend, AttentionMetadata
 from runtime.config import ModelConfig
+from runtime.layers import mxfp4
 from runtime.layers.activation import SiluAndMul
 from runtime.layers.embedding import LMHead, VocabEmbedding
 from runtime.layers.linear import MergedLinear, RowParallelLinear
-from runtime.layers.moe import MoE, dequantize_mxfp4
+from runtime.layers.moe import MoE
 from runtime.layers.norm import RMSNorm
 from runtime.layers.rotary import Rope, RotaryEmbedding
 from runtime.layers.weight_loader import set_param_loader
@@ -201,19 +202,21 @@ class LlamaForCausalLM(nn.Module):
         arrived), so the caller can name what the checkpoint lacked."""
         params = dict(self.named_parameters())
         arrived: dict[str, set[str | None]] = {}
-        mxfp4: dict[str, dict[str, torch.Tensor]] = {}  # an expert weight's blocks or scales
+        packed: dict[str, dict[str, torch.Tensor]] = {}  # an MXFP4 weight's blocks or scales
         for hf_name, tensor in weights:
             if "rotary_emb.inv_freq" in hf_name:
                 continue  # recomputed, not learned
             if hf_name.endswith(("_blocks", "_scales")):
                 # OpenAI's checkpoints: an expert weight in MXFP4, whole once both parts came
                 stem, part = hf_name.rsplit("_", 1)
-                mxfp4.setdefault(stem, {})[part] = tensor
-                if len(mxfp4[stem]) < 2:
+                packed.setdefault(stem, {})[part] = tensor
+                if len(packed[stem]) < 2:
                     continue
-                pair = mxfp4.pop(stem)
+                pair = packed.pop(stem)
                 hf_name = stem
-                tensor = dequantize_mxfp4(pair["blocks"], pair["scales"], torch.float32)
+                # transformers' layout, [experts, in, out]: the loaders take that
+                tensor = mxfp4.dequantize(pair["blocks"], pair["scales"], torch.float32)
+                tensor = tensor.transpose(1, 2)
             if hf_name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # some tied checkpoints store the head anyway: it is the embedding
             name, shard = hf_name, None

@@ -18,12 +18,14 @@ from runtime.attention.reference import TorchAttention
 from runtime.attention.triton_paged import TritonAttention
 from runtime.config import EngineConfig, ModelConfig, named_architecture
 from runtime.engine import Engine
+from runtime.layers import mxfp4
 from runtime.layers.moe import MoE
 from runtime.layers.rotary import RotaryEmbedding
 from runtime.loader import load_checkpoint, load_dummy
 from runtime.model_runner import use_cpu_kernels, use_fused_experts
 from runtime.models.llama import LlamaForCausalLM
 from runtime.parallel import TensorParallel
+from runtime.quantization import quantize, weight_bytes
 from runtime.sequence import SamplingParams
 from tests.runtime.paged import Chunk, new_caches, prefill, run_step
 from tests.runtime.ranks import assert_two_ranks_give_the_tokens_of_one
@@ -112,11 +114,12 @@ def test_fused_experts_give_the_logits_and_make_decode_capturable(tmp_path: Path
     assert (prefill(model, PROMPT) - expected).abs().max().item() < TOLERANCE
 
 
-def test_an_mxfp4_checkpoint_loads_dequantised(tmp_path: Path) -> None:
-    """OpenAI's checkpoints store expert weights as MXFP4 blocks and scales; ours dequantises
-    them at load to what transformers' own dequantisation gives."""
-    hf = _hf_checkpoint(tmp_path)
-    file = tmp_path / "model.safetensors"
+def _mxfp4_checkpoint(tmp: Path) -> transformers.PreTrainedModel:
+    """A checkpoint as OpenAI ships GPT-OSS: expert weights as MXFP4 blocks and scales (random
+    bytes, so every nibble occurs), and transformers' model with its own dequantisation of
+    them, for the reference logits."""
+    hf = _hf_checkpoint(tmp)
+    file = tmp / "model.safetensors"
     tensors = load_file(file)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -133,8 +136,49 @@ def test_an_mxfp4_checkpoint_loads_dequantised(tmp_path: Path) -> None:
                 del tensors[name]
                 tensors |= {f"{name}_blocks": blocks, f"{name}_scales": scales}
     save_file(tensors, file, metadata={"format": "pt"})
-    expected = _reference_logits(hf)
+    return hf
+
+
+def test_an_mxfp4_checkpoint_loads_dequantised(tmp_path: Path) -> None:
+    expected = _reference_logits(_mxfp4_checkpoint(tmp_path))
     assert (prefill(_ours(tmp_path), PROMPT) - expected).abs().max().item() < TOLERANCE
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch-ops", "c-kernels"])
+def test_mxfp4_experts_keep_the_checkpoints_values(tmp_path: Path, kernels: bool) -> None:
+    """--quantization mxfp4 holds the experts as MXFP4 again after loading: requantising a
+    dequantised MXFP4 weight is lossless, so the logits are the checkpoint's."""
+    expected = _reference_logits(_mxfp4_checkpoint(tmp_path))
+    model = _ours(tmp_path)
+    before = weight_bytes(model)
+    assert quantize(model, "mxfp4") == SHAPE["num_hidden_layers"]
+    if kernels:  # the linears packed for panel_gemm.c, the experts left in MXFP4
+        use_cpu_kernels(model, quantization="mxfp4")
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj is None and experts.gate_up_proj_blocks.dtype == torch.uint8
+    assert weight_bytes(model) < before
+    assert (prefill(model, PROMPT) - expected).abs().max().item() < TOLERANCE
+
+
+def test_mxfp4_rounds_each_value_within_half_the_widest_fp4_step() -> None:
+    w = torch.randn(3, 8, 96, generator=torch.Generator().manual_seed(0)) * 0.05
+    blocks, scales = mxfp4.quantize(w)
+    got = mxfp4.dequantize(blocks, scales, torch.float32)
+    # FP4's widest step is 2 (between 4 and 6), so no value is more than 1 scale unit away,
+    # and the scale is the smallest that keeps each group's largest within 6.
+    unit = torch.ldexp(torch.ones(scales.shape), scales.int() - 127).repeat_interleave(32, -1)
+    assert ((got - w).abs() <= unit).all()
+    groups = w.abs().reshape(3, 8, 3, 32).amax(-1)
+    assert (groups <= 6 * unit[..., ::32]).all() and (groups > 3 * unit[..., ::32]).all()
+
+
+def test_mxfp4_is_refused_where_it_cannot_apply(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="mxfp4 stores a mixture of experts' experts"):
+        Engine(EngineConfig(model="tiny", quantization="mxfp4"))
+    (tmp_path / "config.json").write_text(json.dumps(_raw(intermediate_size=96)))
+    with pytest.raises(ValueError, match=r"intermediate_size / tensor_parallel_size \(48\)"):
+        Engine(EngineConfig(model=str(tmp_path), load_format="dummy", quantization="mxfp4",
+                            tensor_parallel_size=2))  # fmt: skip
 
 
 def test_yarn_rotation_matches_transformers() -> None:
@@ -209,9 +253,13 @@ PROMPTS = [[(7 * i + j) % 300 + 3 for j in range(n)] for i, n in enumerate((3, 1
 
 
 @pytest.mark.slow
-def test_two_ranks_give_the_greedy_tokens_of_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("quantization", [None, "mxfp4"])
+def test_two_ranks_give_the_greedy_tokens_of_one(tmp_path: Path, quantization: str | None) -> None:
+    """With mxfp4 each rank quantises its own columns of the experts: whole groups, so the
+    same values as one rank's."""
     _hf_checkpoint(tmp_path)
-    cfg = EngineConfig(model=str(tmp_path), max_model_len=256, num_kv_blocks=64)
+    cfg = EngineConfig(model=str(tmp_path), max_model_len=256, num_kv_blocks=64,
+                       quantization=quantization)  # fmt: skip
     assert_two_ranks_give_the_tokens_of_one(cfg, PROMPTS, GREEDY)
 
 

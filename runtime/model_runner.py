@@ -223,12 +223,14 @@ def use_cpu_kernels(model: LlamaForCausalLM, quantization: str | None) -> None:
 
 def use_fused_experts(model: LlamaForCausalLM) -> int:
     """A CUDA model's MoE layers run their experts through moe_triton.py's kernels (no host
-    synchronisation, so decode can be captured). Returns how many layers changed."""
-    from runtime.layers.moe_triton import fused_experts  # Triton: only where it runs
+    synchronisation, so decode can be captured; MXFP4 weights read as such). Returns how many
+    layers changed."""
+    # Triton: imported only where it runs
+    from runtime.layers.moe_triton import fused_experts, fused_experts_mxfp4
 
     layers = [m for m in model.modules() if isinstance(m, Experts)]
     for layer in layers:
-        layer.fused = fused_experts
+        layer.fused = fused_experts_mxfp4 if layer.mxfp4 else fused_experts
     return len(layers)
 
 

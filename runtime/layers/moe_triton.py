@@ -14,7 +14,9 @@ counts to the host and loops over experts in Python. Here:
    torch, -> down scaled by the routing weight.
 3. Each token's top_k rows are summed in torch: deterministic, no atomics.
 
-Grids come from (T, top_k, E) only; blocks marked -1 return at once.
+Grids come from (T, top_k, E) only; blocks marked -1 return at once. `fused_experts_mxfp4`
+runs the same kernels over weights held in MXFP4 (layers/mxfp4.py): each W tile is decoded in
+registers from its packed nibbles and group scales, so no float copy of the weights exists.
 """
 
 from __future__ import annotations
@@ -26,11 +28,15 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from runtime.layers import mxfp4
+
 # Untuned (no GPU has run this kernel yet): the smallest tiles tl.dot takes (16) for rows, so
 # decode's few assignments per expert waste little padding, and modest N and K tiles.
 BLOCK_M = 16
 BLOCK_N = 64
 BLOCK_K = 32
+# An MXFP4 K tile covers whole groups of 32 values: no tile splits a group's scale.
+assert BLOCK_K % mxfp4.GROUP == 0, f"BLOCK_K {BLOCK_K} must be a multiple of {mxfp4.GROUP}"
 
 
 def align_by_expert(
@@ -75,17 +81,23 @@ def align_by_expert(
 # Triton reads only the tl.constexpr annotations.
 @triton.jit  # type: ignore[untyped-decorator, misc]
 def _grouped_gemm_kernel(
-    a_ptr: tl.tensor, w_ptr: tl.tensor, bias_ptr: tl.tensor, out_ptr: tl.tensor,
-    sorted_ids_ptr: tl.tensor, block_experts_ptr: tl.tensor, route_ptr: tl.tensor,
-    assignments: tl.tensor, n: tl.tensor, k: tl.tensor,
+    a_ptr: tl.tensor, w_ptr: tl.tensor, scales_ptr: tl.tensor, bias_ptr: tl.tensor,
+    out_ptr: tl.tensor, sorted_ids_ptr: tl.tensor, block_experts_ptr: tl.tensor,
+    route_ptr: tl.tensor, assignments: tl.tensor, n: tl.tensor, k: tl.tensor,
     stride_am: tl.tensor, stride_we: tl.tensor, stride_wn: tl.tensor, stride_wk: tl.tensor,
+    stride_se: tl.tensor, stride_sn: tl.tensor, stride_sk: tl.tensor,
     stride_be: tl.tensor, stride_om: tl.tensor,
     A_ROW_DIV: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_ROWS: tl.constexpr,
-    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    W_MXFP4: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ) -> None:  # fmt: skip
     """out[id, cols] = A[id // A_ROW_DIV] @ W[e][cols].T (+ bias[e][cols]) (* route[id]) for
     the ids of one block, e its expert; A_ROW_DIV is top_k where A holds a row per token, 1
-    where it holds one per assignment. Sentinel ids (>= assignments) read and write nothing."""
+    where it holds one per assignment. Sentinel ids (>= assignments) read and write nothing.
+
+    W_MXFP4: W is MXFP4, w_ptr its bytes [E, n, k / 2] (value k in byte k // 2, low nibble
+    first) and scales_ptr its group scales [E, n, k / 32]; k is a multiple of 32 and BLOCK_K
+    too. Otherwise W is [E, n, k] in A's dtype and scales_ptr is not read."""
     block = tl.program_id(0).to(tl.int64)
     expert = tl.load(block_experts_ptr + block).to(tl.int64)
     if expert < 0:
@@ -100,9 +112,31 @@ def _grouped_gemm_kernel(
         ks = start + tl.arange(0, BLOCK_K)
         a = tl.load(a_rows[:, None] + ks[None, :], mask=real[:, None] & (ks[None, :] < k),
                     other=0.0)  # fmt: skip
+        w_mask = (ks[:, None] < k) & (cols[None, :] < n)
         # W[e] is [n, k]: its [BLOCK_K, BLOCK_N] tile is read transposed, as vLLM's kernel does.
-        w = tl.load(w_cols[None, :] + ks[:, None] * stride_wk,
-                    mask=(ks[:, None] < k) & (cols[None, :] < n), other=0.0)  # fmt: skip
+        if W_MXFP4:
+            # Each byte and scale is gathered once per value it holds (2 and 32 of them): the
+            # repeats hit the same cache lines, and the tile stays one plain load's shape.
+            packed = tl.load(w_cols[None, :] + (ks // 2)[:, None] * stride_wk, mask=w_mask,
+                             other=0).to(tl.int32)  # fmt: skip
+            nibble = (packed >> ((ks % 2) * 4)[:, None]) & 0xF
+            # e2m1 (exponent bits 1-2, mantissa bit 0) as float32 bits: e == 0 is m * 0.5
+            # (0.5 is 0x3F000000), else (1 + m / 2) * 2^(e - 1), biased exponent e + 126 and m
+            # the top mantissa bit. Every value, and its product with the scale, is exact.
+            exp = (nibble >> 1) & 0x3
+            man = nibble & 0x1
+            mag = tl.where(exp == 0, man * 0x3F000000, ((exp + 126) << 23) | (man << 22))
+            mag = mag.to(tl.float32, bitcast=True)
+            value = tl.where((nibble & 0x8) != 0, -mag, mag)
+            # 2^(s - 127) built from its float32 bits: s in the exponent field (exact, unlike
+            # exp2), and s == 0's 2^-127 as the subnormal 0x00400000.
+            s_cols = scales_ptr + expert * stride_se + cols * stride_sn
+            s = tl.load(s_cols[None, :] + (ks // 32)[:, None] * stride_sk, mask=w_mask,
+                        other=127).to(tl.int32)  # fmt: skip
+            scale = tl.where(s == 0, 0x00400000, s << 23).to(tl.float32, bitcast=True)
+            w = (value * scale).to(a_ptr.dtype.element_ty)  # exact in float32 and bfloat16
+        else:
+            w = tl.load(w_cols[None, :] + ks[:, None] * stride_wk, mask=w_mask, other=0.0)
         if DOT_F32:
             acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
@@ -126,11 +160,28 @@ _INTERPRETED = isinstance(_grouped_gemm_kernel, InterpretedFunction)
 def _grouped_gemm(
     a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, sorted_ids: torch.Tensor,
     block_experts: torch.Tensor, a_row_div: int, route: torch.Tensor | None,
+    w_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """[T * top_k, n]: row id is a[id // a_row_div] @ w[e].T (+ bias[e]) (* route[id]) with e
-    the expert of assignment id; w is [E, n, k]."""
+    the expert of assignment id; w is [E, n, k], or with w_scales MXFP4 blocks [E, n, k / 32,
+    16] and their scales [E, n, k / 32] (layers/mxfp4.py)."""
     assignments = a.shape[0] * a_row_div  # a holds a row per token or per assignment
-    _, n, k = w.shape
+    if w_scales is None:
+        _, n, k = w.shape
+        scales = w  # never read
+    else:
+        assert w.dtype == w_scales.dtype == torch.uint8, (
+            f"MXFP4 blocks {w.dtype} and scales {w_scales.dtype} must be uint8"
+        )
+        assert w.shape[:-1] == w_scales.shape and w.shape[-1] * 2 == mxfp4.GROUP, (
+            f"MXFP4 blocks {tuple(w.shape)} and scales {tuple(w_scales.shape)}: expected "
+            f"[E, n, groups, {mxfp4.GROUP // 2}] and [E, n, groups]"
+        )
+        _, n, groups, _ = w.shape
+        k = groups * mxfp4.GROUP
+        w = w.flatten(-2)  # [E, n, k / 2] bytes, value j in byte j // 2 (a view when contiguous)
+        scales = w_scales
+    assert a.shape[1] == k, f"a has {a.shape[1]} columns; the weight takes {k}"
     assert a.stride(-1) == 1 and (bias is None or bias.stride(-1) == 1)
     # The interpreter truncates float32 to bfloat16 where the GPU rounds to nearest (its casts
     # pass no rounding mode; seen in Triton 3.9): there the kernel stores float32 and torch
@@ -140,12 +191,13 @@ def _grouped_gemm(
     grid = (block_experts.numel(), triton.cdiv(n, BLOCK_N))
     # Without a bias or routing weights the kernel never reads those pointers: any tensor does.
     _grouped_gemm_kernel[grid](
-        a, w, a if bias is None else bias, out, sorted_ids, block_experts,
+        a, w, scales, a if bias is None else bias, out, sorted_ids, block_experts,
         a if route is None else route,
         assignments, n, k, a.stride(0), w.stride(0), w.stride(1), w.stride(2),
+        scales.stride(0), scales.stride(1), scales.stride(2),
         0 if bias is None else bias.stride(0), out.stride(0),
         A_ROW_DIV=a_row_div, HAS_BIAS=bias is not None, SCALE_ROWS=route is not None,
-        DOT_F32=a.dtype == torch.float32 or _INTERPRETED,
+        W_MXFP4=w_scales is not None, DOT_F32=a.dtype == torch.float32 or _INTERPRETED,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )  # fmt: skip
     return out.to(a.dtype)
@@ -162,16 +214,46 @@ def fused_experts(
 
     Intermediates are in x's dtype, as the torch path's are; the routing weight multiplies the
     float32 accumulator before its one rounding."""
-    tokens, top_k = experts.shape
-    if tokens == 0:
-        return torch.zeros_like(x)
     assert x.dtype == gate_up.dtype == down.dtype, (
         f"x {x.dtype}, gate_up {gate_up.dtype} and down {down.dtype} must share one dtype"
     )
+    return _fused(x, experts, weights, gate_up, None, gate_up_bias, down, None, act)
+
+
+def fused_experts_mxfp4(
+    x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+    gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor, gate_up_bias: torch.Tensor,
+    down_blocks: torch.Tensor, down_scales: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:  # fmt: skip
+    """`fused_experts` over weights held in MXFP4 (layers/mxfp4.py): what it returns given
+    `mxfp4.dequantize(blocks, scales, x.dtype)` of each, but each W tile is decoded inside the
+    kernel, so the weights are read at 4.25 bits a value and never copied to floats.
+    gate_up_blocks is uint8 [E, 2I, H / 32, 16], gate_up_scales [E, 2I, H / 32]; down_blocks
+    [E, H, I / 32, 16], down_scales [E, H, I / 32]. The products run in x's dtype (every
+    MXFP4 value is exact in bfloat16), accumulated in float32."""
+    hidden, inter = x.shape[-1], gate_up_blocks.shape[1] // 2
+    assert hidden % mxfp4.GROUP == 0 and inter % mxfp4.GROUP == 0, (
+        f"MXFP4 groups {mxfp4.GROUP} input values: hidden {hidden} and intermediate {inter} "
+        "must be multiples"
+    )
+    return _fused(x, experts, weights, gate_up_blocks, gate_up_scales, gate_up_bias,
+                  down_blocks, down_scales, act)  # fmt: skip
+
+
+def _fused(
+    x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+    gate_up_scales: torch.Tensor | None, gate_up_bias: torch.Tensor, down: torch.Tensor,
+    down_scales: torch.Tensor | None, act: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:  # fmt: skip
+    """Both fused paths: align, gate_up, act, down, sum; scales None for float weights."""
+    tokens, top_k = experts.shape
+    if tokens == 0:
+        return torch.zeros_like(x)
     sorted_ids, block_experts = align_by_expert(experts, gate_up.shape[0])
     x = x.contiguous()
     h = _grouped_gemm(x, gate_up, gate_up_bias.contiguous(), sorted_ids, block_experts, top_k,
-                      None)  # fmt: skip
+                      None, gate_up_scales)  # fmt: skip
     y = _grouped_gemm(act(h).contiguous(), down, None, sorted_ids, block_experts, 1,
-                      weights.reshape(-1).contiguous())  # fmt: skip
+                      weights.reshape(-1).contiguous(), down_scales)  # fmt: skip
     return y.view(tokens, top_k, -1).sum(1)

@@ -139,6 +139,17 @@ def _mxfp4_checkpoint(tmp: Path) -> transformers.PreTrainedModel:
     return hf
 
 
+def test_fused_mxfp4_experts_give_the_checkpoints_logits(tmp_path: Path) -> None:
+    """The GPU path of --quantization mxfp4 (Triton's interpreter here): the fused kernels
+    read the experts as MXFP4, and decode stays capturable."""
+    expected = _reference_logits(_mxfp4_checkpoint(tmp_path))
+    model = _ours(tmp_path, TritonAttention())
+    quantize(model, "mxfp4")
+    assert use_fused_experts(model) == SHAPE["num_hidden_layers"]
+    assert model.supports_cuda_graphs
+    assert (prefill(model, PROMPT) - expected).abs().max().item() < TOLERANCE
+
+
 def test_an_mxfp4_checkpoint_loads_dequantised(tmp_path: Path) -> None:
     expected = _reference_logits(_mxfp4_checkpoint(tmp_path))
     assert (prefill(_ours(tmp_path), PROMPT) - expected).abs().max().item() < TOLERANCE

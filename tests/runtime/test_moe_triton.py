@@ -1,5 +1,6 @@
-"""The fused MoE (runtime/layers/moe_triton.py): its expert alignment, and that it computes what
-the torch loop `Experts.forward` does. On a GPU machine the kernel runs compiled on CUDA copies
+"""The fused MoE (runtime/layers/moe_triton.py): its expert alignment, that it computes what
+the torch loop `Experts.forward` does, and that its MXFP4 variant decodes the weights in the
+kernel to what `mxfp4.dequantize` gives. On a GPU machine the kernel runs compiled on CUDA copies
 of the inputs; without one it runs in Triton's interpreter (tests/conftest.py), which is slow:
 shapes are tiny."""
 
@@ -11,8 +12,14 @@ import torch
 pytest.importorskip("triton")
 
 from runtime.config import ModelConfig
+from runtime.layers import moe_triton, mxfp4
 from runtime.layers.moe import Experts
-from runtime.layers.moe_triton import _grouped_gemm, align_by_expert, fused_experts
+from runtime.layers.moe_triton import (
+    _grouped_gemm,
+    align_by_expert,
+    fused_experts,
+    fused_experts_mxfp4,
+)
 from runtime.parallel import SINGLE
 
 # Where the kernels run: CUDA when there is one (compiled), else the CPU (interpreted).
@@ -235,3 +242,109 @@ def test_a_captured_graph_replays_new_routing() -> None:
         graph.replay()
         want = layer(x, experts, weights)
     assert (out - want).abs().max().item() < 1e-4
+
+
+# The FP4 (e2m1) values by nibble, written out: the spec the kernel's bit decoding must meet.
+FP4 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_mxfp4_byte_decodes_to_its_two_fp4_values(dtype: torch.dtype) -> None:
+    # One expert's 16 rows of one group: 256 bytes, each value once, every row its own scale.
+    blocks = torch.arange(256, dtype=torch.uint8).view(1, 16, 1, 16)
+    scales = (torch.arange(16) * 5 + 90).to(torch.uint8).view(1, 16, 1)  # 2^-37 .. 2^38
+    want = torch.tensor([[FP4[(byte >> 4 * (j % 2)) & 0xF] * 2.0 ** (int(scales[0, n, 0]) - 127)
+                          for j in range(32) for byte in [n * 16 + j // 2]]
+                         for n in range(16)])  # fmt: skip
+    # The identity's row j times W.T is W's column j: the kernel's decoded weight, transposed.
+    eye = torch.eye(32, dtype=dtype, device=DEVICE)
+    sorted_ids, block_experts = align_by_expert(torch.zeros(32, 1, dtype=torch.int64,
+                                                            device=DEVICE), 1)  # fmt: skip
+    got = _grouped_gemm(eye, blocks.to(DEVICE), None, sorted_ids, block_experts, 1, None,
+                        scales.to(DEVICE))  # fmt: skip
+    assert torch.equal(got.T.cpu().float(), want)
+    assert torch.equal(want, mxfp4.dequantize(blocks, scales, torch.float32)[0])
+
+
+def _mxfp4_weights(
+    shape: tuple[int, int, int], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 (blocks, scales) of a random [E, rows, K] weight whose groups' magnitudes vary
+    over 2^-4 .. 2^3 (times K^-0.5): every nibble value but -0 (8, which quantize never
+    writes; the all-bytes test decodes it) and a range of scales occur."""
+    num_experts, rows, k = shape
+    spread = 2.0 ** torch.randint(-4, 4, (num_experts, rows, k // 32, 1), generator=generator)
+    weight = torch.randn(num_experts, rows, k // 32, 32, generator=generator) * spread
+    blocks, scales = mxfp4.quantize(weight.view(shape) * k**-0.5)
+    nibbles = torch.cat([blocks & 0xF, blocks >> 4])
+    assert set(nibbles.unique().tolist()) == set(range(16)) - {8}
+    assert scales.unique().numel() >= 6
+    return blocks, scales
+
+
+def _fused_mxfp4_against_dequantised(
+    tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fused_experts_mxfp4, fused_experts over the dequantised weights), on the CPU."""
+    layer = _experts(num_experts, top_k, hidden, inter, seed=tokens)  # its act and bias
+    x, experts, weights = _inputs(tokens, layer, top_k, seed=tokens)
+    g = torch.Generator().manual_seed(tokens)
+    gate_up = _mxfp4_weights((num_experts, 2 * inter, hidden), g)
+    down = _mxfp4_weights((num_experts, hidden, inter), g)
+    x, bias = x.to(DEVICE, dtype), layer.gate_up_proj_bias.detach().to(DEVICE, dtype)
+    experts, weights = experts.to(DEVICE), weights.to(DEVICE)
+    (gu_blocks, gu_scales), (d_blocks, d_scales) = ((b.to(DEVICE), s.to(DEVICE))
+                                                    for b, s in (gate_up, down))  # fmt: skip
+    with torch.no_grad():
+        got = fused_experts_mxfp4(x, experts, weights, gu_blocks, gu_scales, bias, d_blocks,
+                                  d_scales, layer.act)  # fmt: skip
+        gate_up_w, down_w = (mxfp4.dequantize(b, s, dtype) for b, s in
+                             ((gu_blocks, gu_scales), (d_blocks, d_scales)))  # fmt: skip
+        want = fused_experts(x, experts, weights, gate_up_w, bias, down_w, layer.act)
+    return got.cpu(), want.cpu()
+
+
+@pytest.mark.parametrize(
+    ("tokens", "top_k", "num_experts", "hidden", "inter", "block_k"),
+    [
+        (5, 2, 4, 32, 32, 32),  # K = 32, one group; down's N (hidden) below one N tile
+        (1, 4, 8, 32, 64, 32),  # one token; down's K two groups
+        (7, 2, 3, 96, 32, 32),  # K = 96, three groups; down's N 96, over 2 N tiles
+        (7, 2, 3, 96, 96, 64),  # K = 96 not a multiple of BLOCK_K 64: a half-masked K tile
+        (37, 2, 3, 64, 32, 32),  # several blocks per expert
+    ],
+)
+def test_fused_experts_mxfp4_equal_fused_experts_over_the_dequantised_weights(
+    tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, block_k: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(moe_triton, "BLOCK_K", block_k)
+    got, want = _fused_mxfp4_against_dequantised(tokens, top_k, num_experts, hidden, inter,
+                                                 torch.float32)  # fmt: skip
+    assert got.shape == (tokens, hidden)
+    assert want.abs().max().item() > 1.0  # outputs of a size where 1e-5 is a tight bound
+    assert (got - want).abs().max().item() < 1e-5
+
+
+def test_fused_experts_mxfp4_in_bfloat16_match_to_its_rounding() -> None:
+    got, want = _fused_mxfp4_against_dequantised(9, 2, 4, 64, 32, torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    # The same bfloat16 weights meet the same kernel: at most a rounding step of the largest.
+    bound = 2**-7 * want.float().abs().max().item()
+    assert (got.float() - want.float()).abs().max().item() <= bound
+
+
+@NEEDS_CUDA
+def test_fused_experts_mxfp4_make_no_host_sync() -> None:
+    layer = _experts(8, 2, 64, 32, seed=0).to(DEVICE)
+    x, experts, weights = (t.to(DEVICE) for t in _inputs(5, layer, 2, seed=0))
+    gate_up = mxfp4.quantize(layer.gate_up_proj.detach())
+    down = mxfp4.quantize(layer.down_proj.detach())
+    args = (x, experts, weights, *gate_up, layer.gate_up_proj_bias.detach(), *down, layer.act)
+    with torch.no_grad():
+        fused_experts_mxfp4(*args)  # compiles the kernels first
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fused_experts_mxfp4(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

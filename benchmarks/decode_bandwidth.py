@@ -2,14 +2,14 @@
 
 One request decodes alone, so every step reads its active weights (and its short KV context)
 once: every weight but an untied embedding table (a lookup reads one row of it) and, of a
-mixture of experts, the experts the router passes over (ModelConfig.active_parameters). Bytes
-per step / seconds per step is the bandwidth decode achieves. Beside it, the device's
+mixture of experts, the experts the router passes over (`active_weight_bytes`). Bytes per
+step / seconds per step is the bandwidth decode achieves. Beside it, the device's
 own copy bandwidth (a large tensor copied device to device, read plus write), the practical
 ceiling. The issue's goal on an H100/H200 is 75% of it for a Llama-3-8B shape in bf16:
 
     python benchmarks/decode_bandwidth.py --model llama-3-8b          # on a GPU (dummy weights)
     python benchmarks/decode_bandwidth.py --model small               # the CPU smoke run
-    python benchmarks/decode_bandwidth.py --model gpt-oss-20b          # MoE, on a GPU
+    python benchmarks/decode_bandwidth.py --model gpt-oss-20b --quantization mxfp4  # MoE, GPU
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from runtime.config import EngineConfig
+from runtime.config import QUANTIZATIONS, EngineConfig
 from runtime.device import engine_device
 from runtime.engine import Engine
+from runtime.layers.moe import Experts
+from runtime.quantization import weight_bytes
 from runtime.sequence import SamplingParams
 
 PROMPT_TOKENS = 16
@@ -67,6 +69,19 @@ def decode_rate(engine: Engine, tokens: int) -> tuple[float, float]:
     return steps / elapsed, per_token * mean_context
 
 
+def active_weight_bytes(engine: Engine) -> float:
+    """Bytes of weights one token's forward reads, as held (quantised ones at their packed
+    size): all but an untied embedding table (a lookup reads one row) and, of a mixture of
+    experts, the experts the router passes over (their share: 1 - top_k / experts)."""
+    model, mcfg = engine.runner.model, engine.model_config
+    expert_bytes = sum(weight_bytes(m) for m in model.modules() if isinstance(m, Experts))
+    other = engine.load.weight_bytes - expert_bytes
+    if not mcfg.tie_word_embeddings:
+        other -= weight_bytes(model.model.embed_tokens)
+    share = 1.0 if mcfg.moe is None else mcfg.moe.top_k / mcfg.moe.num_experts
+    return other + expert_bytes * share
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llama-3-8b", help="a named architecture (dummy)")
@@ -74,6 +89,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--copy-mib", type=int, default=1024, help="size of the copy test")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--quantization", default=None, choices=QUANTIZATIONS)
     args = parser.parse_args()
     device = engine_device(0)
     cfg = EngineConfig(
@@ -81,17 +97,18 @@ def main() -> None:
         max_model_len=PROMPT_TOKENS + args.tokens + 16,
         # The CPU has no memory budget to size the cache from: a few sequences' worth.
         num_kv_blocks=None if device.type == "cuda" else 64, enforce_eager=args.enforce_eager,
+        quantization=args.quantization,
     )  # fmt: skip
     engine = Engine(cfg)
     steps_per_s, kv_bytes = decode_rate(engine, args.tokens)
-    mcfg = engine.model_config
-    weights = engine.load.weight_bytes * mcfg.active_parameters / mcfg.num_parameters
-    step_bytes = weights + kv_bytes
+    step_bytes = active_weight_bytes(engine) + kv_bytes
     achieved = step_bytes * steps_per_s
     ceiling = copy_bandwidth(device, args.copy_mib << 20)
-    graphs = "eager" if args.enforce_eager or device.type != "cuda" else "CUDA graphs"
-    table = Table(title=f"{args.model} (dummy weights), batch 1, {args.tokens} tokens, on "
-                  f"{device}, {graphs}")  # fmt: skip
+    graphs = "eager" if engine.runner.graphs is None else "CUDA graphs"
+    active = engine.model_config.active_parameters / 1e9
+    table = Table(title=f"{args.model} (dummy weights, {active:.2f}B active parameters, "
+                  f"{args.quantization or engine.model_config.dtype}), batch 1, "
+                  f"{args.tokens} tokens, on {device}, {graphs}")  # fmt: skip
     for column in ("decode tok/s", "bytes/step", "achieved GB/s", "copy GB/s", "share"):
         table.add_column(column, justify="right")
     table.add_row(

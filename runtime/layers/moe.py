@@ -20,6 +20,7 @@ value for value.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -78,9 +79,7 @@ class Experts(nn.Module):
             # One expert at a time: quantising holds a few float32 copies of what it converts.
             parts = [mxfp4.quantize(w) for w in getattr(self, name)]
             blocks, scales = (torch.stack(t) for t in zip(*parts, strict=True))
-            self.register_parameter(name, None)
-            for part, value in (("blocks", blocks), ("scales", scales)):
-                self.register_parameter(f"{name}_{part}", nn.Parameter(value, requires_grad=False))
+            self._replace(name, blocks=blocks, scales=scales)
         self.mxfp4 = True
 
     def pack(self) -> None:
@@ -92,11 +91,14 @@ class Experts(nn.Module):
         built."""
         gemm = load_kernels().panel_gemm_f32
         for name in ("gate_up_proj", "down_proj"):
-            weight = getattr(self, name)
-            panels = torch.stack([to_panels(w) for w in weight])
-            self.register_parameter(name, None)
-            self.register_parameter(f"{name}_panels", nn.Parameter(panels, requires_grad=False))
+            self._replace(name, panels=torch.stack([to_panels(w) for w in getattr(self, name)]))
         self._gemm = gemm
+
+    def _replace(self, name: str, **forms: torch.Tensor) -> None:
+        """Drop float weight `name` for another form of it, held as `{name}_{form}`."""
+        self.register_parameter(name, None)
+        for form, value in forms.items():
+            self.register_parameter(f"{name}_{form}", nn.Parameter(value, requires_grad=False))
 
     @property
     def packed(self) -> bool:
@@ -112,8 +114,8 @@ class Experts(nn.Module):
             return F.linear(a, weight, bias)
         if self._gemm is None:
             return F.linear(a, getattr(self, name)[expert], bias)
-        # The output width: the bias's of gate_up, the hidden size (down's bias's) of down.
-        width = (self.gate_up_proj_bias if name == "gate_up_proj" else self.down_proj_bias).shape[1]
+        # The output width is the bias's (down's bias is added later, in MoE.forward).
+        width = getattr(self, f"{name}_bias").shape[1]
         panels = getattr(self, f"{name}_panels")[expert]
         out = panel_matmul(a, width, self._gemm, panels.data_ptr())
         return out if bias is None else out + bias
@@ -168,7 +170,8 @@ class Experts(nn.Module):
         # cost more than the matmuls at decode's few rows an expert).
         rows = x[tokens]
         h = x.new_empty(len(tokens), self.gate_up_proj_bias.shape[1])
-        spans = [(e, sum(counts[:e]), n) for e, n in enumerate(counts) if n]
+        starts = itertools.accumulate(counts[:-1], initial=0)  # where each expert's rows begin
+        spans = [(e, at, n) for e, (at, n) in enumerate(zip(starts, counts, strict=True)) if n]
         for expert, start, n in spans:
             h[start : start + n] = self._project("gate_up_proj", expert, rows[start : start + n],
                                                  self.gate_up_proj_bias[expert])  # fmt: skip

@@ -38,8 +38,14 @@ SHAPE = {"architectures": ["LlamaForCausalLM"], "vocab_size": 1001, "hidden_size
 PROMPTS = [[(7 * i + j) % 997 + 3 for j in range(n)] for i, n in enumerate((3, 17, 40, 9, 64))]
 
 
-def _shard(cfg: ModelConfig, rank: int, size: int) -> dict[str, torch.Tensor]:
-    model = LlamaForCausalLM(cfg, TorchAttention(), TensorParallel(rank, size))
+# Dummy weights are drawn on the model's device, by that device's generator.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))]  # fmt: skip
+
+
+def _shard(cfg: ModelConfig, rank: int, size: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg, TorchAttention(), TensorParallel(rank, size))
     load_dummy(model, seed=0)
     return dict(model.named_parameters())
 
@@ -62,11 +68,14 @@ def _expected_shard(name: str, full: torch.Tensor, cfg: ModelConfig, rank: int) 
     return full  # norms: replicated
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["kv-split", "kv-replicated"])
 @pytest.mark.parametrize("rank", [0, 1])
-def test_dummy_shards_are_slices_of_the_single_process_model(kv_heads: int, rank: int) -> None:
+def test_dummy_shards_are_slices_of_the_single_process_model(
+    kv_heads: int, rank: int, device: str
+) -> None:
     cfg = ModelConfig.from_hf({**SHAPE, "num_key_value_heads": kv_heads})
-    full, shard = _shard(cfg, 0, 1), _shard(cfg, rank, 2)
+    full, shard = _shard(cfg, 0, 1, device), _shard(cfg, rank, 2, device)
     assert shard.keys() == full.keys()
     for name, param in shard.items():
         assert torch.equal(param, _expected_shard(name, full[name], cfg, rank)), name

@@ -33,7 +33,7 @@ class LoadBreakdown:
 
     read_s: float
     place_s: float
-    quantize_s: float  # float weights to the quantised form (0 without --quantization)
+    quantize_s: float  # float linears to int8/int4 (0 otherwise: mxfp4 quantises as it loads)
     weight_bytes: int  # the model's parameters as held, quantised ones at their packed size
     profile_s: float  # the CUDA profiling forward that sized the KV cache (0 on the CPU)
     kv_cache_s: float

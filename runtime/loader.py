@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from runtime.config import EngineConfig, ModelConfig, named_architecture
 from runtime.layers import mxfp4
-from runtime.layers.weight_loader import logical_shape
+from runtime.layers.weight_loader import float_loader, logical_shape
 from runtime.models.llama import LlamaForCausalLM
 from runtime.tiny import ensure_tiny
 
@@ -68,6 +68,11 @@ def _check_mxfp4(mcfg: ModelConfig, ranks: int, name: str) -> None:
             f"quantization mxfp4 groups {mxfp4.GROUP} input values of each expert's down "
             f"projection: intermediate_size / tensor_parallel_size ({columns}) must be a "
             f"multiple of {mxfp4.GROUP}"
+        )
+    if mcfg.hidden_size % mxfp4.GROUP:
+        raise ValueError(
+            f"quantization mxfp4 groups {mxfp4.GROUP} input values of each expert's gate_up "
+            f"projection: hidden_size ({mcfg.hidden_size}) must be a multiple of {mxfp4.GROUP}"
         )
 
 
@@ -122,6 +127,11 @@ def _seed_of(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
 
+def _draw(seed: int, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    g = torch.Generator(device).manual_seed(_seed_of(seed, name))
+    return torch.randn(shape, generator=g, device=device).mul_(0.02)
+
+
 def load_dummy(model: LlamaForCausalLM, seed: int) -> LoadTimes:
     """Norm weights 1, biases 0, everything else N(0, 0.02), as Llama's initialisation.
 
@@ -141,10 +151,15 @@ def load_dummy(model: LlamaForCausalLM, seed: int) -> LoadTimes:
                 param.fill_(1.0)
             elif name.endswith("bias"):
                 param.zero_()
-            else:
-                g = torch.Generator(device).manual_seed(_seed_of(seed, name))
-                values = torch.randn(logical_shape(param), generator=g, device=device).mul_(0.02)
+            elif (quantized := float_loader(param)) is not None:
+                # The float weight's own draw, so a quantised build holds the float one's values
+                # quantised (weight_loader.py names the parts).
+                load, shape = quantized
+                load(_draw(seed, name.rsplit("_", 1)[0], shape, device))
+            elif param.is_floating_point():
+                values = _draw(seed, name, logical_shape(param), device)
                 param.weight_loader(param, values, None)  # type: ignore[attr-defined]
+            # else another part of a quantised weight, filled with its first
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # so read_s is the drawing, not its queueing
     return LoadTimes(time.perf_counter() - start, 0.0)

@@ -35,7 +35,7 @@ from runtime.loader import LoadTimes, load_checkpoint, load_dummy
 from runtime.models.llama import DecoderLayer, LlamaForCausalLM, kv_heads_per_rank
 from runtime.native import KernelUnavailableError, load_kernels
 from runtime.parallel import TensorParallel
-from runtime.quantization import pack_int8_weights, quantize
+from runtime.quantization import METHODS, pack_int8_weights, quantize
 from runtime.scheduler import Scheduled, Step
 from runtime.sequence import SamplingParams, Sequence
 
@@ -59,7 +59,7 @@ class StepInputs:
 class LoadedRunner:
     runner: ModelRunner
     times: LoadTimes
-    quantize_s: float  # float weights to the quantised form (0 without --quantization)
+    quantize_s: float  # float linears to int8/int4 (0 otherwise: mxfp4 quantises as it loads)
     profile_s: float  # the CUDA profiling forward that sized the KV cache (0 on the CPU)
     kv_cache_s: float
     graph_capture_s: float  # CUDA graphs for decode (0 on the CPU or with enforce_eager)
@@ -251,17 +251,17 @@ def load_runner(
     torch.manual_seed(cfg.seed)
     backend = select_backend(device, dtype, cfg.block_size, sinks=mcfg.attention_sinks)
     with device:  # parameters and buffers are created on the device, not copied there
-        model = LlamaForCausalLM(mcfg, backend, tp).to(dtype).eval()
+        model = LlamaForCausalLM(mcfg, backend, tp, cfg.quantization).to(dtype).eval()
     if cfg.load_format == "dummy":
         times = load_dummy(model, cfg.seed)
     else:
         times = load_checkpoint(model, path if path.is_dir() else path.parent)
     quantize_s = 0.0
-    if cfg.quantization is not None:
+    if cfg.quantization in METHODS:  # mxfp4 experts were quantised as they loaded
         start = time.perf_counter()
         quantize(model, cfg.quantization)  # after loading: the loaders write float weights
         quantize_s = time.perf_counter() - start
-        if mcfg.moe is not None and cfg.quantization != "mxfp4" and tp.rank == 0:
+        if mcfg.moe is not None and tp.rank == 0:
             log.warning("--quantization %s converts the attention projections only: "
                         "the experts stay %s (--quantization mxfp4 converts them)",
                         cfg.quantization, dtype)  # fmt: skip

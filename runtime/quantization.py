@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.layers.linear import PANEL, LinearBase, panel_matmul, to_panels
-from runtime.layers.moe import Experts
 from runtime.native import load_kernels
 
 # Rows up to which the weight-only kernels beat dequantise-then-matmul (benchmarks/quant_matmul.py).
@@ -211,19 +210,13 @@ class Int4Weight(nn.Module):
 
 
 METHODS: dict[str, type[Int8Weight] | type[Int4Weight]] = {"int8": Int8Weight, "int4": Int4Weight}
-EXPERT_METHODS = ("mxfp4",)  # of a mixture of experts' experts (Experts.to_mxfp4)
+# Of a mixture of experts' experts, held so from construction (layers/moe.py), not converted.
+EXPERT_METHODS = ("mxfp4",)
 
 
 def quantize(model: nn.Module, method: str) -> int:
     """Convert every linear layer's float weight to `method` (a key of METHODS), freeing the
-    float one; `mxfp4` converts the experts of a mixture of experts instead (the attention,
-    router, embeddings and LM head stay float, as in OpenAI's GPT-OSS checkpoints). Returns
-    how many layers were converted."""
-    if method in EXPERT_METHODS:
-        experts = [m for m in model.modules() if isinstance(m, Experts)]
-        for moe in experts:
-            moe.to_mxfp4()
-        return len(experts)
+    float one. Returns how many layers were converted."""
     layers = [m for m in model.modules() if isinstance(m, LinearBase)]
     for layer in layers:
         layer.set_matmul(METHODS[method](layer.weight))

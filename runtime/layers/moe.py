@@ -13,9 +13,13 @@ Checkpoint layouts (transformers' GptOssExperts): gate_up_proj [E, hidden, 2I] w
 up columns interleaved (gate at even, up at odd), down_proj [E, I, hidden], both multiplied as
 x @ W. The loaders turn them into this module's [E, out, in] rows (gate rows, then up rows),
 as the dense layers hold theirs, and cut this rank's slice. OpenAI's released checkpoints
-store the two expert weights in MXFP4 instead (layers/mxfp4.py); they are dequantised at
-load to the model's dtype, and `--quantization mxfp4` (`to_mxfp4`) holds them in MXFP4 again,
-value for value.
+store the two expert weights in MXFP4 instead (layers/mxfp4.py), with rows as the float
+layout's columns. A float model dequantises them at load. Built with `mxfp4=True`
+(`--quantization mxfp4`), the layer holds both weights as MXFP4 blocks and scales from the
+start, never float: an MXFP4 checkpoint's bytes are copied (this rank's rows or groups of
+them), and a float weight (a float checkpoint, dummy weights) is quantised one expert at a
+time as it loads, so loading holds one layer's float weight at most (the tensor being
+loaded) beside the model, never the float model.
 """
 
 from __future__ import annotations
@@ -32,7 +36,13 @@ from runtime.config import ModelConfig
 from runtime.layers import mxfp4
 from runtime.layers.activation import ClampedSwiGLU
 from runtime.layers.linear import panel_matmul, to_panels
-from runtime.layers.weight_loader import copy_weight, set_param_loader, set_weight_loader
+from runtime.layers.mxfp4 import GROUP as MXFP4_GROUP
+from runtime.layers.weight_loader import (
+    copy_weight,
+    set_float_loader,
+    set_param_loader,
+    set_weight_loader,
+)
 from runtime.native import load_kernels
 from runtime.parallel import SINGLE, TensorParallel
 
@@ -45,42 +55,52 @@ def _expect(loaded: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
 class Experts(nn.Module):
     """Every expert's weights, this rank's columns of them; `forward` runs the routed ones."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, mxfp4: bool = False) -> None:
         super().__init__()
         assert cfg.moe is not None
         experts, hidden = cfg.moe.num_experts, cfg.hidden_size
-        self.intermediate, self.tp = cfg.intermediate_size, tp
+        self.hidden, self.intermediate, self.tp = hidden, cfg.intermediate_size, tp
         local = cfg.intermediate_size // tp.size
+        self.num_experts = experts
+        # The checkpoint's float layouts, which the float loaders take.
+        gate_up_shape = (experts, hidden, 2 * self.intermediate)
+        down_shape = (experts, self.intermediate, hidden)
         # Left uninitialised: every parameter is filled by a loader (checkpoint or dummy).
-        self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * local, hidden))
+        if mxfp4:
+            gate_up = self._mxfp4_parameters("gate_up_proj", 2 * local, hidden)
+            down = self._mxfp4_parameters("down_proj", hidden, local)
+            for part in gate_up:
+                set_param_loader(part, self._load_gate_up_rows)
+            for part in down:
+                set_param_loader(part, self._load_down_groups)
+            set_float_loader(gate_up[0], self._quantize_gate_up, gate_up_shape)
+            set_float_loader(down[0], self._quantize_down, down_shape)
+        else:
+            self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * local, hidden))
+            self.down_proj = nn.Parameter(torch.empty(experts, hidden, local))
+            set_param_loader(self.gate_up_proj, self._load_gate_up, gate_up_shape)
+            set_param_loader(self.down_proj, self._load_down, down_shape)
         self.gate_up_proj_bias = nn.Parameter(torch.empty(experts, 2 * local))
-        self.down_proj = nn.Parameter(torch.empty(experts, hidden, local))
         # Whole on every rank, added once after the all-reduce (MoE.forward).
         self.down_proj_bias = nn.Parameter(torch.empty(experts, hidden))
-        full = 2 * cfg.intermediate_size
-        set_param_loader(self.gate_up_proj, self._load_gate_up, (experts, hidden, full))
-        set_param_loader(self.gate_up_proj_bias, self._load_gate_up_bias, (experts, full))
-        set_param_loader(self.down_proj, self._load_down,
-                         (experts, cfg.intermediate_size, hidden))  # fmt: skip
+        set_param_loader(self.gate_up_proj_bias, self._load_gate_up_bias,
+                         (experts, 2 * self.intermediate))  # fmt: skip
         set_param_loader(self.down_proj_bias, copy_weight)
         self.act = ClampedSwiGLU(cfg.moe.swiglu_alpha, cfg.moe.swiglu_limit)
         # moe_triton.fused_experts once a CUDA model is loaded where Triton runs: the same sum
         # in a fixed number of kernels, with no host synchronisation.
         self.fused: Callable[..., torch.Tensor] | None = None
         self._gemm: Any = None  # panel_gemm.c's entry point once `pack`ed
-        self.mxfp4 = False  # True once `to_mxfp4`: the weights held as MXFP4 blocks and scales
+        self.mxfp4 = mxfp4  # the weights held as MXFP4 blocks and scales
 
-    def to_mxfp4(self) -> None:
-        """Hold both weights in MXFP4 (layers/mxfp4.py), the float ones dropped: a quarter of
-        bfloat16's bytes. Each rank quantises its own slice; the down projection's groups run
-        along its columns, so a slice that is whole groups (loader.py checks) quantises as
-        the whole weight's does, and every tensor-parallel size gives the same values."""
-        for name in ("gate_up_proj", "down_proj"):
-            # One expert at a time: quantising holds a few float32 copies of what it converts.
-            parts = [mxfp4.quantize(w) for w in getattr(self, name)]
-            blocks, scales = (torch.stack(t) for t in zip(*parts, strict=True))
-            self._replace(name, blocks=blocks, scales=scales)
-        self.mxfp4 = True
+    def _mxfp4_parameters(self, name: str, rows: int, k: int) -> list[nn.Parameter]:
+        """Weight `name` [experts, rows, k] as MXFP4 parameters `{name}_blocks`, `_scales`."""
+        if k % MXFP4_GROUP:
+            raise ValueError(f"MXFP4 {name}: a row's {k} inputs (this rank's) are not whole "
+                             f"groups of {MXFP4_GROUP}")  # fmt: skip
+        groups = (self.num_experts, rows, k // MXFP4_GROUP)
+        blocks = torch.empty(*groups, MXFP4_GROUP // 2, dtype=torch.uint8)
+        return self._replace(name, blocks=blocks, scales=torch.empty(groups, dtype=torch.uint8))
 
     def pack(self) -> None:
         """For float32 on the CPU: each expert's two weights as panel_gemm.c's panels (as
@@ -94,11 +114,14 @@ class Experts(nn.Module):
             self._replace(name, panels=torch.stack([to_panels(w) for w in getattr(self, name)]))
         self._gemm = gemm
 
-    def _replace(self, name: str, **forms: torch.Tensor) -> None:
-        """Drop float weight `name` for another form of it, held as `{name}_{form}`."""
+    def _replace(self, name: str, **forms: torch.Tensor) -> list[nn.Parameter]:
+        """Hold weight `name` in another form, as parameters `{name}_{form}` (a float one
+        dropped); returns them."""
         self.register_parameter(name, None)
-        for form, value in forms.items():
-            self.register_parameter(f"{name}_{form}", nn.Parameter(value, requires_grad=False))
+        params = [nn.Parameter(value, requires_grad=False) for value in forms.values()]
+        for form, param in zip(forms, params, strict=True):
+            self.register_parameter(f"{name}_{form}", param)
+        return params
 
     @property
     def packed(self) -> bool:
@@ -120,28 +143,69 @@ class Experts(nn.Module):
         out = panel_matmul(a, width, self._gemm, panels.data_ptr())
         return out if bias is None else out + bias
 
-    def _columns(self, interleaved: torch.Tensor) -> torch.Tensor:
-        """[..., 2I] with gate and up interleaved -> this rank's [..., gate cols | up cols]."""
+    def _gate_up_rows(self, interleaved: torch.Tensor) -> torch.Tensor:
+        """[E, 2I, ...] with gate and up rows interleaved (gate at even) -> this rank's
+        [E, 2I/N, ...]: its gate rows, then its up rows."""
         start, length = self.tp.slice_of(self.intermediate)
-        gate, up = interleaved[..., 0::2], interleaved[..., 1::2]
-        return torch.cat([gate[..., start : start + length], up[..., start : start + length]], -1)
+        gate, up = interleaved[:, 0::2], interleaved[:, 1::2]
+        return torch.cat([gate[:, start : start + length], up[:, start : start + length]], 1)
+
+    def _down_columns(self, loaded: torch.Tensor, unit: int = 1) -> torch.Tensor:
+        """[E, hidden, I / unit, ...] -> this rank's [E, hidden, I/N / unit, ...]."""
+        start, length = self.tp.slice_of(self.intermediate)
+        return loaded.narrow(2, start // unit, length // unit)
 
     def _load_gate_up(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
         experts, _, hidden = param.shape
         _expect(loaded, (experts, hidden, 2 * self.intermediate), "gate_up_proj")
-        param.data.copy_(self._columns(loaded).transpose(1, 2))
+        param.data.copy_(self._gate_up_rows(loaded.transpose(1, 2)))
 
     def _load_gate_up_bias(
         self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None
     ) -> None:
         _expect(loaded, (param.shape[0], 2 * self.intermediate), "gate_up_proj_bias")
-        param.data.copy_(self._columns(loaded))
+        param.data.copy_(self._gate_up_rows(loaded))
 
     def _load_down(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
         experts, hidden, _ = param.shape
         _expect(loaded, (experts, self.intermediate, hidden), "down_proj")
-        start, length = self.tp.slice_of(self.intermediate)
-        param.data.copy_(loaded.narrow(1, start, length).transpose(1, 2))
+        param.data.copy_(self._down_columns(loaded.transpose(1, 2)))
+
+    def _load_gate_up_rows(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None
+    ) -> None:
+        """An MXFP4 checkpoint's gate_up_proj blocks or scales: groups run along the hidden
+        input, which no rank cuts, so this rank's rows are its bytes."""
+        shape = (param.shape[0], 2 * self.intermediate, *param.shape[2:])
+        _expect(loaded, shape, "MXFP4 gate_up_proj")
+        param.data.copy_(self._gate_up_rows(loaded))
+
+    def _load_down_groups(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None
+    ) -> None:
+        """An MXFP4 checkpoint's down_proj blocks or scales: groups run along the intermediate
+        input, which ranks cut into whole groups (loader.py checks)."""
+        experts, hidden, groups = param.shape[:3]
+        shape = (experts, hidden, groups * self.tp.size, *param.shape[3:])
+        _expect(loaded, shape, "MXFP4 down_proj")
+        param.data.copy_(self._down_columns(loaded, MXFP4_GROUP))
+
+    def _quantize_into(self, name: str, expert: int, weight: torch.Tensor) -> None:
+        blocks = getattr(self, f"{name}_blocks")
+        blocks.data[expert], getattr(self, f"{name}_scales").data[expert] = mxfp4.quantize(
+            weight.to(blocks.device)
+        )
+
+    def _quantize_gate_up(self, loaded: torch.Tensor) -> None:
+        """A float gate_up_proj (checkpoint layout) into MXFP4, one expert at a time."""
+        _expect(loaded, (self.num_experts, self.hidden, 2 * self.intermediate), "gate_up_proj")
+        for e in range(self.num_experts):
+            self._quantize_into("gate_up_proj", e, self._gate_up_rows(loaded[e : e + 1].mT)[0])
+
+    def _quantize_down(self, loaded: torch.Tensor) -> None:
+        _expect(loaded, (self.num_experts, self.intermediate, self.hidden), "down_proj")
+        for e in range(self.num_experts):
+            self._quantize_into("down_proj", e, self._down_columns(loaded[e : e + 1].mT)[0])
 
     def forward(
         self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
@@ -186,7 +250,7 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """The MLP of a GPT-OSS layer, named as its checkpoint names it (mlp.router, mlp.experts)."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE, mxfp4: bool = False) -> None:
         super().__init__()
         assert cfg.moe is not None
         self.top_k, self.tp = cfg.moe.top_k, tp
@@ -194,7 +258,7 @@ class MoE(nn.Module):
         # router logit can pick another expert (vLLM keeps the gate float too).
         self.router = nn.Linear(cfg.hidden_size, cfg.moe.num_experts, bias=True)
         set_weight_loader(self.router)
-        self.experts = Experts(cfg, tp)
+        self.experts = Experts(cfg, tp, mxfp4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.router(x)

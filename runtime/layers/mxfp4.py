@@ -44,7 +44,7 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     *lead, rows, k = weight.shape
     if k % GROUP:
         raise ValueError(f"MXFP4 groups {GROUP} values along the input; {k} is not a multiple")
-    w = weight.detach().float().reshape(*lead, rows, k // GROUP, GROUP)
+    w = weight.detach().float().contiguous().view(*lead, rows, k // GROUP, GROUP)
     top = w.abs().amax(dim=-1)
     # top / 2^s <= 6 needs s >= log2(top / 6); an all-zero group takes any scale.
     exponent = torch.ceil(torch.log2(torch.where(top > 0, top, 1.0) / 6.0)).to(torch.int32)

@@ -4,6 +4,11 @@ Each layer attaches the loader that knows its layout (a fused projection copies 
 rows; a tensor-parallel layer narrows the tensor to its rank's slice), so the model's
 `load_weights` only maps names. A loader always receives the *logical* tensor, the whole one
 the checkpoint stores; `logical_shape` says its shape where the parameter holds only a slice.
+
+A weight held quantised from construction is several parameters named `{weight}_{part}` (MXFP4's
+`_blocks` and `_scales`), each loading its own part as a quantised checkpoint stores it. The
+first part also carries a float loader (`set_float_loader`): it takes the float weight a float
+checkpoint or dummy weights give under the name `{weight}`, and fills every part.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from torch import nn
 
 # (parameter, checkpoint tensor, shard id of a fused parameter or None for the whole tensor)
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, str | None], None]
+FloatLoader = Callable[[torch.Tensor], None]
 
 
 def copy_weight(param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
@@ -49,3 +55,19 @@ def logical_shape(param: nn.Parameter) -> tuple[int, ...]:
     """The shape of the whole tensor this parameter holds (a slice of, under tensor
     parallelism)."""
     return tuple(getattr(param, "logical_shape", param.shape))
+
+
+def set_float_loader(
+    param: nn.Parameter, loader: FloatLoader, logical_shape: tuple[int, ...]
+) -> None:
+    """`param`, the first part of a weight held quantised, takes the float weight (of
+    `logical_shape`, as the checkpoint stores it) through `loader`, which fills every part."""
+    param.float_loader = loader  # type: ignore[attr-defined]
+    param.float_shape = logical_shape  # type: ignore[attr-defined]
+
+
+def float_loader(param: nn.Parameter) -> tuple[FloatLoader, tuple[int, ...]] | None:
+    """(loader, shape of the float weight) for a quantised weight's first part, else None."""
+    if not hasattr(param, "float_loader"):
+        return None
+    return param.float_loader, param.float_shape  # type: ignore[attr-defined]

@@ -20,7 +20,7 @@ from runtime.layers.linear import MergedLinear, RowParallelLinear
 from runtime.layers.moe import MoE
 from runtime.layers.norm import RMSNorm
 from runtime.layers.rotary import Rope, RotaryEmbedding
-from runtime.layers.weight_loader import set_param_loader
+from runtime.layers.weight_loader import float_loader, set_param_loader
 from runtime.parallel import SINGLE, TensorParallel
 
 # (our fused projection, the checkpoint's separate one, its shard id)
@@ -114,13 +114,20 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, backend: AttentionBackend, tp: TensorParallel, layer: int
+        self,
+        cfg: ModelConfig,
+        backend: AttentionBackend,
+        tp: TensorParallel,
+        layer: int,
+        quantization: str | None,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, backend, tp, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, tp) if cfg.moe is None else MoE(cfg, tp)
+        self.mlp: MLP | MoE = (
+            MLP(cfg, tp) if cfg.moe is None else MoE(cfg, tp, mxfp4=quantization == "mxfp4")
+        )
 
     def forward(
         self,
@@ -142,26 +149,39 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, tp: TensorParallel) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        backend: AttentionBackend,
+        tp: TensorParallel,
+        quantization: str | None,
+    ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings,
                                       cfg.rope_theta, cfg.rope_scaling)  # fmt: skip
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, backend, tp, i) for i in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, backend, tp, i, quantization) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    """At tensor-parallel size N, rank r's shard of the model (see parallel.py)."""
+    """At tensor-parallel size N, rank r's shard of the model (see parallel.py). Built with
+    `quantization="mxfp4"`, a mixture of experts holds its experts in MXFP4 from the start
+    (layers/moe.py); other methods convert the linear layers after loading
+    (quantization.py)."""
 
     def __init__(
-        self, cfg: ModelConfig, backend: AttentionBackend, tp: TensorParallel = SINGLE
+        self,
+        cfg: ModelConfig,
+        backend: AttentionBackend,
+        tp: TensorParallel = SINGLE,
+        quantization: str | None = None,
     ) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, backend, tp)
+        self.model = LlamaModel(cfg, backend, tp, quantization)
         self.lm_head = LMHead(self.model.embed_tokens, cfg.tie_word_embeddings)
 
     @property
@@ -201,13 +221,19 @@ class LlamaForCausalLM(nn.Module):
         `weight_loader`. Returns our parameters now whole (a fused one once all its shards
         arrived), so the caller can name what the checkpoint lacked."""
         params = dict(self.named_parameters())
+        # A weight this model holds quantised: its float name -> the parameters holding it
+        # (named {weight}_{part}, weight_loader.py), which a float tensor of that name fills.
+        quantized: dict[str, list[str]] = {}
+        for n, p in params.items():
+            if not p.is_floating_point():
+                quantized.setdefault(n.rsplit("_", 1)[0], []).append(n)
         arrived: dict[str, set[str | None]] = {}
         packed: dict[str, dict[str, torch.Tensor]] = {}  # an MXFP4 weight's blocks or scales
         for hf_name, tensor in weights:
             if "rotary_emb.inv_freq" in hf_name:
                 continue  # recomputed, not learned
-            if hf_name.endswith(("_blocks", "_scales")):
-                # OpenAI's checkpoints: an expert weight in MXFP4, whole once both parts came
+            if hf_name.endswith(("_blocks", "_scales")) and hf_name not in params:
+                # OpenAI's MXFP4 expert weights into a float model: dequantised once both came
                 stem, part = hf_name.rsplit("_", 1)
                 packed.setdefault(stem, {})[part] = tensor
                 if len(packed[stem]) < 2:
@@ -224,6 +250,12 @@ class LlamaForCausalLM(nn.Module):
                 if f".{part}." in hf_name:
                     name, shard = hf_name.replace(f".{part}.", f".{fused}."), shard_id
                     break
+            if name in quantized:  # a float weight quantised as it loads
+                parts = quantized[name]
+                loaders = [f for part in parts if (f := float_loader(params[part])) is not None]
+                loaders[0][0](tensor)
+                arrived.update((part, {None}) for part in parts)
+                continue
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no parameter in this model")
             param = params[name]

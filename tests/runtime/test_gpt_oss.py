@@ -24,8 +24,8 @@ from runtime.layers.rotary import RotaryEmbedding
 from runtime.loader import load_checkpoint, load_dummy
 from runtime.model_runner import use_cpu_kernels, use_fused_experts
 from runtime.models.llama import LlamaForCausalLM
-from runtime.parallel import TensorParallel
-from runtime.quantization import quantize, weight_bytes
+from runtime.parallel import SINGLE, TensorParallel
+from runtime.quantization import weight_bytes
 from runtime.sequence import SamplingParams
 from tests.runtime.paged import Chunk, new_caches, prefill, run_step
 from tests.runtime.ranks import assert_two_ranks_give_the_tokens_of_one
@@ -64,8 +64,14 @@ def _hf_checkpoint(tmp: Path) -> transformers.PreTrainedModel:
     return model.eval()  # type: ignore[no-any-return]
 
 
-def _ours(path: Path, backend: AttentionBackend | None = None) -> LlamaForCausalLM:
-    model = LlamaForCausalLM(ModelConfig.from_hf(path), backend or TorchAttention()).eval()
+def _ours(
+    path: Path,
+    backend: AttentionBackend | None = None,
+    quantization: str | None = None,
+    tp: TensorParallel = SINGLE,
+) -> LlamaForCausalLM:
+    cfg = ModelConfig.from_hf(path)
+    model = LlamaForCausalLM(cfg, backend or TorchAttention(), tp, quantization).eval()
     load_checkpoint(model, path)
     return model
 
@@ -143,8 +149,7 @@ def test_fused_mxfp4_experts_give_the_checkpoints_logits(tmp_path: Path) -> None
     """The GPU path of --quantization mxfp4 (Triton's interpreter here): the fused kernels
     read the experts as MXFP4, and decode stays capturable."""
     expected = _reference_logits(_mxfp4_checkpoint(tmp_path))
-    model = _ours(tmp_path, TritonAttention())
-    quantize(model, "mxfp4")
+    model = _ours(tmp_path, TritonAttention(), "mxfp4")
     assert use_fused_experts(model) == SHAPE["num_hidden_layers"]
     assert model.supports_cuda_graphs
     assert (prefill(model, PROMPT) - expected).abs().max().item() < TOLERANCE
@@ -156,19 +161,55 @@ def test_an_mxfp4_checkpoint_loads_dequantised(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kernels", [False, True], ids=["torch-ops", "c-kernels"])
-def test_mxfp4_experts_keep_the_checkpoints_values(tmp_path: Path, kernels: bool) -> None:
-    """--quantization mxfp4 holds the experts as MXFP4 again after loading: requantising a
-    dequantised MXFP4 weight is lossless, so the logits are the checkpoint's."""
+def test_mxfp4_experts_keep_the_checkpoints_bytes(tmp_path: Path, kernels: bool) -> None:
+    """--quantization mxfp4 builds the experts in MXFP4 (never float) and copies an MXFP4
+    checkpoint's bytes into them, so the logits are the checkpoint's."""
     expected = _reference_logits(_mxfp4_checkpoint(tmp_path))
-    model = _ours(tmp_path)
-    before = weight_bytes(model)
-    assert quantize(model, "mxfp4") == SHAPE["num_hidden_layers"]
+    cfg = ModelConfig.from_hf(tmp_path)
+    built = LlamaForCausalLM(cfg, TorchAttention(), SINGLE, "mxfp4")
+    assert all(layer.mlp.experts.gate_up_proj is None for layer in built.model.layers)
+    model = _ours(tmp_path, quantization="mxfp4")
     if kernels:  # the linears packed for panel_gemm.c, the experts left in MXFP4
         use_cpu_kernels(model, quantization="mxfp4")
     experts = model.model.layers[0].mlp.experts
-    assert experts.gate_up_proj is None and experts.gate_up_proj_blocks.dtype == torch.uint8
-    assert weight_bytes(model) < before
+    stored = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(experts.down_proj_blocks,
+                       stored["model.layers.0.mlp.experts.down_proj_blocks"])  # fmt: skip
+    # 4.25 bits a value against float32's 32 (the biases stay float)
+    assert weight_bytes(experts) < weight_bytes(_ours(tmp_path).model.layers[0].mlp.experts) / 6
     assert (prefill(model, PROMPT) - expected).abs().max().item() < TOLERANCE
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_mxfp4_shards_hold_the_float_shards_values(tmp_path: Path, rank: int) -> None:
+    """Rank r of 2 copies its rows (gate_up) and groups (down) of the checkpoint's bytes: they
+    dequantise to the float shard the dequantising path gives the same rank."""
+    _mxfp4_checkpoint(tmp_path)
+    tp = TensorParallel(rank, 2)
+    ours, floats = _ours(tmp_path, quantization="mxfp4", tp=tp), _ours(tmp_path, tp=tp)
+    for layer, float_layer in zip(ours.model.layers, floats.model.layers, strict=True):
+        experts, want = layer.mlp.experts, float_layer.mlp.experts
+        for name in ("gate_up_proj", "down_proj"):
+            blocks, scales = (getattr(experts, f"{name}_{p}") for p in ("blocks", "scales"))
+            assert torch.equal(mxfp4.dequantize(blocks, scales, torch.float32),
+                               getattr(want, name))  # fmt: skip
+
+
+def test_float_weights_quantise_as_they_load_as_the_whole_weight_would(tmp_path: Path) -> None:
+    """A float checkpoint and dummy weights into an MXFP4 model: each expert quantised as it
+    arrives gives the bytes that quantising the float model's weight gives."""
+    _hf_checkpoint(tmp_path)
+    cfg = ModelConfig.from_hf(tmp_path)
+    for load in (lambda m: load_checkpoint(m, tmp_path), lambda m: load_dummy(m, seed=5)):
+        models = [LlamaForCausalLM(cfg, TorchAttention(), SINGLE, q) for q in ("mxfp4", None)]
+        for model in models:
+            load(model)
+        ours, floats = (m.model.layers[2].mlp.experts for m in models)
+        for name in ("gate_up_proj", "down_proj"):
+            blocks, scales = mxfp4.quantize(getattr(floats, name))
+            assert torch.equal(getattr(ours, f"{name}_blocks"), blocks), name
+            assert torch.equal(getattr(ours, f"{name}_scales"), scales), name
+        assert torch.equal(ours.gate_up_proj_bias, floats.gate_up_proj_bias)
 
 
 def test_mxfp4_rounds_each_value_within_half_the_widest_fp4_step() -> None:

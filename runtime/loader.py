@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 
 from runtime.config import EngineConfig, ModelConfig, named_architecture
-from runtime.layers import mxfp4
-from runtime.layers.weight_loader import float_loader, logical_shape
+from runtime.layers.moe import check_mxfp4_groups
+from runtime.layers.weight_loader import float_loader, float_name, logical_shape
 from runtime.models.llama import LlamaForCausalLM
 from runtime.tiny import ensure_tiny
 
@@ -62,18 +62,7 @@ def _check_mxfp4(mcfg: ModelConfig, ranks: int, name: str) -> None:
             f"quantization mxfp4 stores a mixture of experts' experts in MXFP4; {name} has no "
             "experts: use int8 or int4"
         )
-    columns = mcfg.intermediate_size // ranks
-    if columns % mxfp4.GROUP:
-        raise ValueError(
-            f"quantization mxfp4 groups {mxfp4.GROUP} input values of each expert's down "
-            f"projection: intermediate_size / tensor_parallel_size ({columns}) must be a "
-            f"multiple of {mxfp4.GROUP}"
-        )
-    if mcfg.hidden_size % mxfp4.GROUP:
-        raise ValueError(
-            f"quantization mxfp4 groups {mxfp4.GROUP} input values of each expert's gate_up "
-            f"projection: hidden_size ({mcfg.hidden_size}) must be a multiple of {mxfp4.GROUP}"
-        )
+    check_mxfp4_groups(mcfg, ranks)
 
 
 @dataclass(frozen=True)
@@ -155,7 +144,7 @@ def load_dummy(model: LlamaForCausalLM, seed: int) -> LoadTimes:
                 # The float weight's own draw, so a quantised build holds the float one's values
                 # quantised (weight_loader.py names the parts).
                 load, shape = quantized
-                load(_draw(seed, name.rsplit("_", 1)[0], shape, device))
+                load(_draw(seed, float_name(name), shape, device))
             elif param.is_floating_point():
                 values = _draw(seed, name, logical_shape(param), device)
                 param.weight_loader(param, values, None)  # type: ignore[attr-defined]

@@ -52,6 +52,23 @@ def _expect(loaded: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
         raise ValueError(f"checkpoint tensor {tuple(loaded.shape)} != {name} {shape}")
 
 
+def check_mxfp4_groups(cfg: ModelConfig, ranks: int) -> None:
+    """Raises unless every row of every expert's two weights on each of `ranks` ranks is
+    whole MXFP4 groups, as holding them in MXFP4 needs."""
+    columns = cfg.intermediate_size // ranks
+    if columns % MXFP4_GROUP:
+        raise ValueError(
+            f"quantization mxfp4 groups {MXFP4_GROUP} input values of each expert's down "
+            f"projection: intermediate_size / tensor_parallel_size ({columns}) must be a "
+            f"multiple of {MXFP4_GROUP}"
+        )
+    if cfg.hidden_size % MXFP4_GROUP:
+        raise ValueError(
+            f"quantization mxfp4 groups {MXFP4_GROUP} input values of each expert's gate_up "
+            f"projection: hidden_size ({cfg.hidden_size}) must be a multiple of {MXFP4_GROUP}"
+        )
+
+
 class Experts(nn.Module):
     """Every expert's weights, this rank's columns of them; `forward` runs the routed ones."""
 
@@ -67,6 +84,7 @@ class Experts(nn.Module):
         down_shape = (experts, self.intermediate, hidden)
         # Left uninitialised: every parameter is filled by a loader (checkpoint or dummy).
         if mxfp4:
+            check_mxfp4_groups(cfg, tp.size)
             gate_up = self._mxfp4_parameters("gate_up_proj", 2 * local, hidden)
             down = self._mxfp4_parameters("down_proj", hidden, local)
             for part in gate_up:
@@ -95,9 +113,6 @@ class Experts(nn.Module):
 
     def _mxfp4_parameters(self, name: str, rows: int, k: int) -> list[nn.Parameter]:
         """Weight `name` [experts, rows, k] as MXFP4 parameters `{name}_blocks`, `_scales`."""
-        if k % MXFP4_GROUP:
-            raise ValueError(f"MXFP4 {name}: a row's {k} inputs (this rank's) are not whole "
-                             f"groups of {MXFP4_GROUP}")  # fmt: skip
         groups = (self.num_experts, rows, k // MXFP4_GROUP)
         blocks = torch.empty(*groups, MXFP4_GROUP // 2, dtype=torch.uint8)
         return self._replace(name, blocks=blocks, scales=torch.empty(groups, dtype=torch.uint8))

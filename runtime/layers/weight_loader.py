@@ -66,6 +66,11 @@ def set_float_loader(
     param.float_shape = logical_shape  # type: ignore[attr-defined]
 
 
+def float_name(part: str) -> str:
+    """The float weight's name of a quantised weight's part `{weight}_{part}`."""
+    return part.rsplit("_", 1)[0]
+
+
 def float_loader(param: nn.Parameter) -> tuple[FloatLoader, tuple[int, ...]] | None:
     """(loader, shape of the float weight) for a quantised weight's first part, else None."""
     if not hasattr(param, "float_loader"):

@@ -20,7 +20,7 @@ from runtime.layers.linear import MergedLinear, RowParallelLinear
 from runtime.layers.moe import MoE
 from runtime.layers.norm import RMSNorm
 from runtime.layers.rotary import Rope, RotaryEmbedding
-from runtime.layers.weight_loader import float_loader, set_param_loader
+from runtime.layers.weight_loader import float_loader, float_name, set_param_loader
 from runtime.parallel import SINGLE, TensorParallel
 
 # (our fused projection, the checkpoint's separate one, its shard id)
@@ -226,7 +226,7 @@ class LlamaForCausalLM(nn.Module):
         quantized: dict[str, list[str]] = {}
         for n, p in params.items():
             if not p.is_floating_point():
-                quantized.setdefault(n.rsplit("_", 1)[0], []).append(n)
+                quantized.setdefault(float_name(n), []).append(n)
         arrived: dict[str, set[str | None]] = {}
         packed: dict[str, dict[str, torch.Tensor]] = {}  # an MXFP4 weight's blocks or scales
         for hf_name, tensor in weights:
@@ -251,10 +251,10 @@ class LlamaForCausalLM(nn.Module):
                     name, shard = hf_name.replace(f".{part}.", f".{fused}."), shard_id
                     break
             if name in quantized:  # a float weight quantised as it loads
-                parts = quantized[name]
-                loaders = [f for part in parts if (f := float_loader(params[part])) is not None]
-                loaders[0][0](tensor)
-                arrived.update((part, {None}) for part in parts)
+                for part in quantized[name]:  # one of them takes the float weight
+                    if (load := float_loader(params[part])) is not None:
+                        load[0](tensor)
+                    arrived[part] = {None}
                 continue
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no parameter in this model")

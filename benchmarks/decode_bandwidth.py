@@ -5,7 +5,8 @@ once: every weight but an untied embedding table (a lookup reads one row of it) 
 mixture of experts, the experts the router passes over (`active_weight_bytes`). Bytes per
 step / seconds per step is the bandwidth decode achieves. Beside it, the device's
 own copy bandwidth (a large tensor copied device to device, read plus write), the practical
-ceiling. The issue's goal on an H100/H200 is 75% of it for a Llama-3-8B shape in bf16:
+ceiling. The target on an H100/H200 is 75% of it for a Llama-3-8B shape in bf16 (not yet
+measured on a GPU):
 
     python benchmarks/decode_bandwidth.py --model llama-3-8b          # on a GPU (dummy weights)
     python benchmarks/decode_bandwidth.py --model small               # the CPU smoke run

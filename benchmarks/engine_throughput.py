@@ -43,7 +43,8 @@ def _saved(root: Path, name: str, model: type[transformers.PreTrainedModel],
 
 
 def _small4(root: Path) -> Path:
-    """The issue's reference shape: a 4-layer, 256-hidden Llama with a 4096-token vocabulary."""
+    """The shape of the CPU throughput targets (docs/perf.md): a 4-layer, 256-hidden Llama with
+    a 4096-token vocabulary."""
     return _saved(root, "small4", transformers.LlamaForCausalLM, transformers.LlamaConfig(
         vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,

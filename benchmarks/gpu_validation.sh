@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU check of the engine in one run, for a machine with a CUDA GPU and a CUDA build of
-# torch (a session's lent H100/H200). The steps run most important first, each under its own
-# time limit, and each writes its output to $OUT (default reports/gpu/) as it goes, so a lease
-# that ends early still returns what ran. `steps.txt` there has each step's seconds and exit
-# status. The figures belong in docs/perf.md with this command.
+# torch (written for an H100 or H200). Each step has its own time limit and the steps run
+# highest priority first, so a run cut short still has the most important figures; each step
+# writes its output to $OUT (default reports/gpu/) as it goes, and partial output is kept.
+# `steps.txt` there has each step's seconds and exit status. The figures belong in
+# docs/perf.md with this command.
 #
-#   bash benchmarks/gpu_wheels.sh                # here: the packages the GPU image lacks
-#   bash benchmarks/gpu_validation.sh            # there, with .whl carried; ~7 min on an H200
+#   bash benchmarks/gpu_wheels.sh       # where the venv is, if the GPU machine lacks hydra-core
+#   bash benchmarks/gpu_validation.sh   # on the GPU machine, with .whl/ copied into the checkout
+#
+# The step limits add up to about 21 minutes; the whole run is expected to take about 7 on an
+# H200 (an estimate: the script has not yet run on a GPU).
 #
 # LLAMA and MOE name the models (defaults llama-3-8b and gpt-oss-20b); LLAMA=small MOE=none
 # runs the script's own plumbing on a CPU in a few minutes.
@@ -25,7 +29,8 @@ if [ -d .whl ]; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if ! $py -c "import hydra, omegaconf" 2>/dev/null; then
-    echo "hydra-core is missing: run benchmarks/gpu_wheels.sh here and carry .whl" >&2
+    echo "hydra-core is missing: run benchmarks/gpu_wheels.sh where the venv is," \
+        "then copy .whl/ into this checkout" >&2
     exit 1
 fi
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The Python packages that the lent GPU machine's image lacks (it reaches no package registry),
-# as wheels in .whl/ at the versions this checkout's venv runs. Run it here, then name .whl in
-# the device call's carry; gpu_validation.sh installs them there.
+# For a GPU machine that has torch but not the harness's config stack and cannot reach a
+# package index: hydra-core and its dependencies as wheels in .whl/, at the versions this
+# checkout's venv runs. Run it where the venv is, copy .whl/ into the checkout on the GPU
+# machine; gpu_validation.sh installs them there.
 #
 #   bash benchmarks/gpu_wheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 # Only the harness's config stack: torch, triton, aiohttp, pandas, transformers and the rest
-# are in the image (/work/.library/device/KINDS.md lists it).
+# are expected on the GPU machine already.
 packages=$($py - <<'EOF'
 from importlib.metadata import version
 print(" ".join(f"{p}=={version(p)}" for p in ("hydra-core", "omegaconf", "antlr4-python3-runtime")))

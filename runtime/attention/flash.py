@@ -11,7 +11,8 @@ the Triton store kernel, which skips CUDA-graph padding rows (slot -1). A slidin
 keys is flash-attn's window_size=(W - 1, 0); flash-attn 2 has no attention sinks, so a model
 with them never gets this backend (selection.py) and `forward` refuses them.
 
-Unverified on a GPU so far: no session with flash-attn and a GPU has run it.
+Not yet run on a GPU: flash-attn needs CUDA, so only the rules that choose this backend
+(selection.py) are tested, on CPU; the calls here are untested.
 """
 
 from __future__ import annotations

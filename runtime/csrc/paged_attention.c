@@ -43,7 +43,8 @@ void paged_store_f32(const float *restrict k, const float *restrict v, /* [token
 /* Asks for the cache lines of one block of one head (head_block floats) ahead of their use:
  * a block's 2 KB (16 tokens of 32 floats) lie apart from the previous block's, so the
  * hardware prefetcher starts late on each, and a step's K/V, far larger than the caches when
- * the weights stream through them too, comes from memory: 10-30% faster on the VM. */
+ * the weights stream through them too, comes from memory: 10-30% faster on a 2-vCPU x86-64
+ * VM (AMD EPYC). */
 static inline __attribute__((always_inline)) void prefetch_block(const float *block,
                                                                  int64_t head_block)
 {
@@ -76,8 +77,8 @@ static inline __attribute__((always_inline)) float exp_shifted(float *restrict s
 /* One (sequence, K/V head) pair: its group of query rows against its context's visible keys
  * [first, context). Inlined into each specialisation below, where head_dim and group are
  * constants, so the dot products and the value sums unroll and a group's output rows stay in
- * registers: 1.4-1.8x faster on the development VM (32 decoders, contexts 32-512) than the
- * same loops over variables. sinks is the group's own (sinks + h * group), or NULL. */
+ * registers: 1.4-1.8x faster than the same loops over variables on a 2-vCPU x86-64 VM (AMD
+ * EPYC; 32 decoders, contexts 32-512). sinks is the group's own (sinks + h * group), or NULL. */
 static inline __attribute__((always_inline)) int attend(
     const float *restrict qh, const float *restrict keys, const float *restrict values,
     const int64_t *restrict table, int64_t context, int64_t window, const float *restrict sinks,

@@ -37,6 +37,7 @@ class EngineCore(Protocol):
     """Synchronous engine: everything is called from the engine thread only."""
 
     max_model_len: int
+    vocab_size: int  # token ids a prompt may hold: [0, vocab_size)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Returns the seq_id; raises ValueError with a user-facing message if the request
@@ -113,6 +114,7 @@ class AsyncEngine:
         """`max_waiting`: requests allowed to wait beyond those running; 0 means unbounded."""
         self.core = core
         self.max_model_len = core.max_model_len
+        self.vocab_size = core.vocab_size
         self.max_waiting = max_waiting
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wakeup = threading.Event()

@@ -55,6 +55,10 @@ class Engine:
             self.close()  # no worker outlives a failed start
             raise
 
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
     def _load(self, path: Path) -> None:
         """The model, cache, scheduler and warmup: everything that may fail once ranks run."""
         cfg, mcfg = self.config, self.model_config
@@ -85,8 +89,8 @@ class Engine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        if max(prompt_ids) >= self.model_config.vocab_size or min(prompt_ids) < 0:
-            raise ValueError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        if max(prompt_ids) >= self.vocab_size or min(prompt_ids) < 0:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         seq = Sequence(list(prompt_ids), params)
         self.scheduler.add(seq)  # raises if longer than max_model_len
         self.seqs[seq.seq_id] = seq

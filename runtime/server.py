@@ -1,7 +1,7 @@
 """The bundled engine's OpenAI-compatible HTTP server (aiohttp) over `AsyncEngine`.
 
 Endpoints: POST /v1/completions and /v1/chat/completions (streaming or not); GET /v1/models
-(its card also carries `max_model_len`, the engine's `load_breakdown` and its `kernels`);
+(its card also carries `max_model_len`, `vocab_size`, the engine's `load_breakdown` and its `kernels`);
 GET /health (200 once the model is loaded and the engine healthy, else 503); GET /metrics
 (Prometheus text, vLLM's metric names, labelled `model_name`).
 
@@ -585,6 +585,8 @@ class _Server:
         }  # fmt: skip
         if self.engine is not None:
             card["max_model_len"] = self.engine.max_model_len
+            # Clients that send token ids (the harness's random prompts) keep them below it.
+            card["vocab_size"] = self.engine.vocab_size
             card["load_breakdown"] = self.engine.core.load_breakdown()
             card["kernels"] = self.engine.core.kernels()
         return web.json_response({"object": "list", "data": [card]})

@@ -26,8 +26,10 @@ class FakeCore:
         block_size: int = 4,
         eos_token_id: int | None = None,
         step_s: float = 0.0,
+        vocab_size: int = 32000,
     ) -> None:
         self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
         self.blocks = BlockManager(num_kv_blocks, block_size, enable_prefix_caching=False)
         self.scheduler = Scheduler(
             self.blocks, max_num_seqs, max_num_batched_tokens, max_model_len, eos_token_id

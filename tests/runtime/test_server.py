@@ -262,16 +262,17 @@ def test_a_failed_load_keeps_health_at_503_and_says_why(tok: PreTrainedTokenizer
         served.close()
 
 
-def test_models_lists_the_served_name_with_max_model_len_load_breakdown_and_kernels(
+def test_models_lists_the_served_name_with_its_limits_load_breakdown_and_kernels(
     serve_fake: ServeFake,
 ) -> None:
-    served, _ = serve_fake(max_model_len=200)
+    served, _ = serve_fake(max_model_len=200, vocab_size=2048)
     reply = get_json(served.url + "/v1/models")
     assert reply.status == 200
     assert reply.body["object"] == "list"
     [card] = reply.body["data"]
     assert (card["id"], card["object"]) == (MODEL, "model")
     assert card["max_model_len"] == 200
+    assert card["vocab_size"] == 2048
     assert card["load_breakdown"] == {"read_s": 0.0}
     assert card["kernels"] == {"attention": "fake"}
 

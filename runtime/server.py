@@ -1,9 +1,9 @@
 """The bundled engine's OpenAI-compatible HTTP server (aiohttp) over `AsyncEngine`.
 
 Endpoints: POST /v1/completions and /v1/chat/completions (streaming or not); GET /v1/models
-(its card also carries `max_model_len`, `vocab_size`, the engine's `load_breakdown` and its `kernels`);
-GET /health (200 once the model is loaded and the engine healthy, else 503); GET /metrics
-(Prometheus text, vLLM's metric names, labelled `model_name`).
+(its card also carries `max_model_len`, `vocab_size`, the engine's `load_breakdown` and its
+`kernels`); GET /health (200 once the model is loaded and the engine healthy, else 503);
+GET /metrics (Prometheus text, vLLM's metric names, labelled `model_name`).
 
 Server-side timings, where the harness finds them: the final `usage` object of a response
 carries an extra field `timings` = {"queue_ms", "prefill_ms", "decode_ms", "e2e_ms"} (the

@@ -31,8 +31,11 @@ format: $(INSTALLED)  ## Apply ruff's fixes and formatting
 	$(BIN)/ruff format bench runtime tests benchmarks
 
 test: lint  ## Lint, then the whole test suite (fast tests first, then the slow end-to-end ones)
-	$(BIN)/python -m pytest -m 'not slow' -q
-	$(BIN)/python -m pytest -m slow -q
+	fast=0; slow=0; \
+	$(BIN)/python -m pytest -m 'not slow' -q || fast=$$?; \
+	$(BIN)/python -m pytest -m slow -q || slow=$$?; \
+	echo "pytest exit status: fast tests $$fast, slow tests $$slow"; \
+	test $$fast -eq 0 && test $$slow -eq 0
 
 test-fast: $(INSTALLED)  ## Only the fast tests
 	$(BIN)/python -m pytest -m 'not slow' -q

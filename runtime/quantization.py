@@ -152,61 +152,77 @@ class Int8PanelWeight(nn.Module):
 
 
 class Int4Weight(nn.Module):
-    """A linear layer's weight as int4, two a byte in the CPU kernel's layout [out, in / 2],
-    with a scale and a zero per group of inputs."""
+    """A linear layer's weight as int4, two a byte in the CPU kernel's layout, with a scale and
+    a zero per group of inputs.
+
+    aten packs whole blocks of rows in one layout (_int4_pack_order) but a last, partial block
+    in another, and refuses a weight whose rows are not a multiple of 16. So the weight is
+    padded with zero rows to a whole block: `packed` is [padded_out, in / 2], the padding rows'
+    scales and zeros are 0 (they compute 0), and every output drops them: forward, unpack and
+    dequantize return out_features rows."""
 
     kernel_name = "int4"  # what ModelRunner.kernels() reports
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         out, width = weight.shape
+        self.out_features = out
         self.group_size = int4_group_size(width)
         self.block, order = _int4_pack_order()
         self.storage_of_row = torch.argsort(order)  # where each row of a block is stored
-        if width % self.group_size or out % self.block:
+        if width % self.group_size:
             raise ValueError(
                 f"int4: a weight [{out}, {width}] needs in_features divisible by its group size "
-                f"{self.group_size} and out_features by {self.block}; use int8 for this model"
+                f"{self.group_size}; use int8 for this model"
             )
         q, scale, low = quantize_int4(weight, self.group_size)
+        padding = -out % self.block
+        q, scale, low = (F.pad(t, (0, 0, 0, padding)) for t in (q, scale, low))
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         # The kernel computes w = (q - 8) * scale + zero, so zero = low + 8 * scale; it wants
-        # them interleaved as [groups, out, 2] in the activations' dtype.
+        # them interleaved as [groups, padded_out, 2] in the activations' dtype.
         scales_and_zeros = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1)
         self.packed = nn.Parameter(packed, requires_grad=False)
         self.scales_and_zeros = nn.Parameter(
             scales_and_zeros.contiguous().to(weight.dtype), requires_grad=False
         )
-        if not torch.equal(self.unpack(), q.to(torch.uint8)):
+        if not torch.equal(self._unpack_padded(), q.to(torch.uint8)):
             raise RuntimeError(
                 "int4: aten's packed layout is not the one _int4_pack_order found; use int8"
             )
 
-    def unpack(self) -> torch.Tensor:
-        """The int4 values, uint8 [out, in], out of the kernel's layout (see _int4_pack_order).
-        Every step stays in uint8: this runs on each many-row call, so passes cost time."""
-        out, width = self.packed.shape[0], self.packed.shape[1] * 2
+    def _unpack_padded(self) -> torch.Tensor:
+        """The int4 values of every stored row, padding included, uint8 [padded_out, in], out
+        of the kernel's layout (see _int4_pack_order). Every step stays in uint8: this runs on
+        each many-row call, so passes cost time."""
+        rows, width = self.packed.shape[0], self.packed.shape[1] * 2
         nibbles = torch.stack([self.packed & 15, self.packed >> 4], dim=-1)
-        stored = nibbles.view(out // self.block, width, self.block)
-        rows = stored.index_select(2, self.storage_of_row)  # [blocks, in, row in block]
-        return rows.transpose(1, 2).reshape(out, width)
+        stored = nibbles.view(rows // self.block, width, self.block)
+        by_row = stored.index_select(2, self.storage_of_row)  # [blocks, in, row in block]
+        return by_row.transpose(1, 2).reshape(rows, width)
+
+    def unpack(self) -> torch.Tensor:
+        """The int4 values, uint8 [out, in]."""
+        return self._unpack_padded()[: self.out_features]
 
     def dequantize(self) -> torch.Tensor:
         """The float weight [out, in]: (q - 8) * scale + zero, per group of inputs."""
-        out, width = self.packed.shape[0], self.packed.shape[1] * 2
-        scale, zero = self.scales_and_zeros.transpose(0, 1).unbind(-1)  # each [out, groups]
+        out, width = self.out_features, self.packed.shape[1] * 2
+        scale, zero = self.scales_and_zeros[:, :out].transpose(0, 1).unbind(-1)  # [out, groups]
         w = self.unpack().to(scale.dtype).view(out, -1, self.group_size)
         return w.sub_(8).mul_(scale[..., None]).add_(zero[..., None]).view(out, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] <= KERNEL_MAX_ROWS:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            # The kernel reads rows densely: a view of a wider tensor must be copied.
+            padded = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 flat.contiguous(), self.packed, self.group_size, self.scales_and_zeros
-            )  # the kernel reads rows densely: a view of a wider tensor must be copied
+            )
+            out = padded[:, : self.out_features]
         else:
             out = F.linear(flat, self.dequantize().to(x.dtype))
-        return out.view(*x.shape[:-1], out.shape[-1])  # type: ignore[no-any-return]
+        return out.reshape(*x.shape[:-1], self.out_features)  # type: ignore[no-any-return]
 
 
 METHODS: dict[str, type[Int8Weight] | type[Int4Weight]] = {"int8": Int8Weight, "int4": Int4Weight}

@@ -87,11 +87,31 @@ def test_int4_group_size_is_128_unless_the_input_is_narrow() -> None:
 
 
 def test_int4_packs_two_values_a_byte_and_unpacks_exactly() -> None:
-    w = _weight(96, 256)
+    w = _weight(96, 256)  # 96 rows: whole blocks of 32, one and a half of 64
     packed = Int4Weight(w)
     q, _, _ = quantize_int4(w, 32)
-    assert packed.packed.dtype == torch.uint8 and packed.packed.shape == (96, 128)
+    padded_out = -(-96 // packed.block) * packed.block
+    assert packed.packed.dtype == torch.uint8 and packed.packed.shape == (padded_out, 128)
     assert torch.equal(packed.unpack(), q.to(torch.uint8))
+
+
+@pytest.mark.parametrize("leading", [(2, 1), (2, KERNEL_MAX_ROWS)])  # the kernel; dequantise
+def test_int4_with_a_partial_block_of_rows_returns_only_the_real_outputs(
+    leading: tuple[int, ...],
+) -> None:
+    w = _weight(40, 256)  # 40 rows: a partial block under every layout
+    layer = Int4Weight(w)
+    q, scale, low = quantize_int4(w, 32)
+    x = torch.randn(*leading, 256, generator=torch.Generator().manual_seed(4))
+    want = x @ dequantize_int4(q, scale, low, 32).T
+    got = layer(x)
+    assert got.shape == (*leading, 40) and layer.dequantize().shape == (40, 256)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_int4_refuses_in_features_that_are_not_whole_groups() -> None:
+    with pytest.raises(ValueError, match=r"\[64, 200\] needs in_features divisible by .* 32"):
+        Int4Weight(_weight(64, 200))
 
 
 @pytest.mark.parametrize("rows", [1, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1, 40])

@@ -35,6 +35,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from rich.console import Console
+from rich.table import Table
 
 from bench import baseline as baselines
 from bench import stats
@@ -50,6 +52,8 @@ from bench.comparison import (
     levels_of,
 )
 from bench.figures import Build
+from bench.report import verdict_rule
+from bench.summary import print_whole
 
 EXIT_REGRESSION, EXIT_UNUSABLE = 1, 2
 
@@ -429,16 +433,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_REGRESSION if result.regressions else 0
 
 
-def _print(result: Comparison) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
+def _print(result: Comparison, console: Console | None = None) -> None:
     counts = result.counts()
     table = Table(
         title=f"{result.candidate.source} vs {result.baseline.source} ({result.mode}): "
-        f"{counts['better']} better · {counts['worse']} worse · {counts['~']} unchanged"
+        f"{counts['better']} better · {counts['worse']} worse · {counts['~']} unchanged",
+        caption=f"{verdict_rule(result)}. Red: worse beyond its gate, so the comparison fails.",
     )
-    for column in ("level", "metric", "baseline", "candidate", "delta [CI]", "p", "verdict"):
+    for column in ("level", "metric", "baseline", "candidate", "delta [CI]", "p (adj.)", "verdict"):
         table.add_column(column, justify="left" if column in ("level", "metric") else "right")
     for row in result.rows:
         t = row.test
@@ -455,7 +457,7 @@ def _print(result: Comparison) -> None:
             "" if math.isnan(row.p_adjusted) else f"{row.p_adjusted:.3g}", row.verdict,
             style=style,
         )  # fmt: skip
-    Console(width=max(Console().width, 120)).print(table)
+    print_whole(console or Console(), table)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
 

@@ -30,7 +30,7 @@ class GpuInfo:
 @dataclass(frozen=True)
 class Fingerprint:
     git_commit: str | None
-    git_dirty: bool | None
+    git_dirty: bool | None  # the source differs from git_commit: see `source_changed`
     python: str
     platform: str
     hostname_hash: str
@@ -104,13 +104,44 @@ def _gpus() -> tuple[list[GpuInfo], str | None, str | None]:
         return gpus, str(nv.nvmlSystemGetDriverVersion()), f"{cuda // 1000}.{cuda % 1000 // 10}"
 
 
+def source_changed(repo_dir: Path) -> bool | None:
+    """Whether the checkout's source differs from its commit; None outside a git checkout.
+
+    The source is what the commit would hold if the working tree were committed now: every
+    tracked file (a change, staged or not, a deletion, a rename), and the untracked files that
+    .gitignore does not exclude and that lie in a folder which already holds tracked files: a
+    new module, scenario or architecture file that the code beside it can pick up.
+
+    What the harness writes is not source. Its default folders (results/, reports/) are
+    ignored, and wherever results_dir, baseline.dir or report= point inside the checkout, what
+    it writes lands in a folder that holds no tracked file (a run's, a baseline's, a new report
+    folder), which git lists as one untracked entry ending in "/"; such entries are skipped.
+    Output written among tracked files (report= an existing source folder, or results
+    committed to git) still counts.
+    """
+    # --untracked-files=normal: an untracked folder is one entry, whatever a user's
+    # status.showUntrackedFiles says; -z: paths unquoted, entries NUL-terminated.
+    status = _git(
+        repo_dir, "--no-optional-locks", "status", "--porcelain", "-z", "--untracked-files=normal"
+    )
+    if status is None:
+        return None
+    # Only "?? " entries (untracked) are told apart from the rest (tracked changes), so the
+    # leading space _git may strip from the first entry (" M path") does not matter.
+    for entry in filter(None, status.split("\0")):
+        if not entry.startswith("?? "):
+            return True  # a tracked file changed (a rename's second path is never reached)
+        if not entry.endswith("/"):
+            return True  # an untracked file beside tracked ones
+    return False
+
+
 def fingerprint(repo_dir: Path) -> Fingerprint:
     commit = _git(repo_dir, "rev-parse", "HEAD")
-    status = _git(repo_dir, "status", "--porcelain", "--untracked-files=no")
     gpus, driver, cuda = _gpus()
     return Fingerprint(
         git_commit=commit,
-        git_dirty=None if commit is None or status is None else bool(status),
+        git_dirty=None if commit is None else source_changed(repo_dir),
         python=platform.python_version(),
         platform=platform.platform(),
         hostname_hash=_short_hash(socket.gethostname()),

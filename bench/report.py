@@ -247,6 +247,16 @@ def _p(p: float | None) -> str:
 _VERDICT: dict[Verdict, str] = {"better": "better ✅", "worse": "worse ❌", "~": "~"}
 
 
+def verdict_rule(c: Comparison) -> str:
+    """What the verdicts mean at this comparison's alpha and noise threshold (the rule of
+    `stats.verdict`), in one wording for the reports and the console."""
+    return (
+        f"better / worse: Holm-adjusted p < {c.alpha:g} and a change beyond the "
+        f"±{c.threshold * 100:g}% noise threshold; ~: not significant, within the threshold, "
+        "or too few runs to test"
+    )
+
+
 def _metric(m: Metric) -> str:
     """The metric with the direction that is better: "↑ out tok/s", "↓ TTFT p99 ms"."""
     arrow = "↑" if m.higher_is_better else "↓"
@@ -417,7 +427,8 @@ def _comparison_blocks(c: Comparison, figures: dict[str, Path], out_dir: Path) -
         _compact_table(c),
         Para(
             "Values are medians over runs; Δ is the ratio of geometric means as a change, with "
-            "its confidence interval; p is adjusted for the number of comparisons.",
+            "its confidence interval; p is adjusted for the number of comparisons. "
+            f"{verdict_rule(c)}.",
             small=True,
         ),
     ]

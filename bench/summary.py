@@ -2,6 +2,10 @@
 
 Latency percentiles pool every request of every repeat of a level; throughput is the mean and
 standard deviation over repeats, since each repeat is one independent measurement of it.
+
+Each row is two lines: p50 above p99 for latencies, the mean above its ± sd for throughput,
+which keeps the standard scenarios within 80 columns; a wider table is printed whole
+(`print_whole`), never with figures cut short.
 """
 
 from __future__ import annotations
@@ -10,55 +14,79 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
-from rich.console import Console
+from rich import box
+from rich.console import Console, RenderableType
+from rich.measure import Measurement
+from rich.segment import Segments
 from rich.table import Table
 
-from bench.config import SloConfig
-from bench.metrics import summarize
+from bench.config import LoadLevel, SloConfig
+from bench.metrics import Distribution, summarize
 from bench.records import RequestRecord, RunRecord
+
+# Wider than any table: measuring against it gives the table's natural width.
+_UNLIMITED = 10_000
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _p50_p99(d: Distribution, digits: int) -> str:
+    return f"{_fmt(d.p50, digits)}\n{_fmt(d.p99, digits)}"
+
+
+def _level(run: RunRecord) -> LoadLevel:
+    return LoadLevel(
+        index=run.level,
+        input_tokens=run.input_tokens,
+        output_tokens=run.output_tokens,
+        concurrency=run.concurrency,
+        request_rate=run.request_rate,
+    )
+
+
 def table(runs: Sequence[RunRecord], requests: Sequence[RequestRecord], slo: SloConfig) -> Table:
     by_level: dict[int, list[RunRecord]] = defaultdict(list)
     for r in runs:
         by_level[r.level].append(r)
-    t = Table(title="results (median / p99 over all repeats; throughput mean ± sd over repeats)")
-    for name in ("level", "in/out", "load", "ok/sent", "TTFT ms", "ITL ms", "TPOT ms", "E2E ms"):
-        t.add_column(name, justify="right")
-    t.add_column("out tok/s", justify="right")
-    t.add_column("req/s", justify="right")
-    t.add_column("peak mem MiB", justify="right")
-    for level, level_runs in sorted(by_level.items()):
+    scenario = f"{runs[0].scenario}: " if runs else ""
+    t = Table(
+        title=f"{scenario}p50 and p99 over all requests; throughput mean ± sd over repeats",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        collapse_padding=True,
+    )
+    # no_wrap: a figure is one word, and rich would cut it rather than wrap it.
+    t.add_column("in/out load", no_wrap=True)
+    t.add_column("ok/sent", justify="right", no_wrap=True)
+    t.add_column("", no_wrap=True)
+    for name in ("TTFT\nms", "ITL\nms", "TPOT\nms", "E2E\nms", "out\ntok/s", "req/s", "peak\nMiB"):
+        t.add_column(name, justify="right", no_wrap=True)
+    client_bound: list[str] = []
+    for _, level_runs in sorted(by_level.items()):
         first = level_runs[0]
-        reqs = [q for q in requests if q.level == level]
+        label = _level(first).label
+        reqs = [q for q in requests if q.level == first.level]
         m = summarize(reqs, sum(r.duration_s for r in level_runs), slo)
         tps = np.array([r.output_throughput for r in level_runs])
         rps = np.array([r.request_throughput for r in level_runs])
-        load = (
-            f"c={first.concurrency}"
-            if first.request_rate is None
-            else f"{first.request_rate:g}/s"
-            + (f" ≤{first.concurrency}" if first.concurrency else "")
-        )
         gpu = [r.peak_gpu_memory_mib_total for r in level_runs if r.peak_gpu_memory_mib_total]
         rss = [r.peak_rss_mib for r in level_runs if r.peak_rss_mib]
         mem = f"{max(gpu):,.0f} GPU" if gpu else (f"{max(rss):,.0f} RSS" if rss else "-")
         bound = sum(r.client_bound for r in level_runs)
-        flags = f" [yellow]client-bound {bound}/{len(level_runs)}[/]" if bound else ""
+        if bound:
+            client_bound.append(f"{label} in {bound} of {len(level_runs)}")
+        sd = tps.std(ddof=1) if len(tps) > 1 else 0.0
         t.add_row(
-            str(level),
-            f"{first.input_tokens}/{first.output_tokens}",
-            load + flags,
-            f"{m.completed}/{m.sent}" + (f" [red]({m.failed} failed)[/]" if m.failed else ""),
-            f"{_fmt(m.ttft_ms.p50)} / {_fmt(m.ttft_ms.p99)}",
-            f"{_fmt(m.itl_ms.p50, 2)} / {_fmt(m.itl_ms.p99, 2)}",
-            f"{_fmt(m.tpot_ms.p50, 2)} / {_fmt(m.tpot_ms.p99, 2)}",
-            f"{_fmt(m.e2e_ms.p50, 0)} / {_fmt(m.e2e_ms.p99, 0)}",
-            f"{tps.mean():,.1f} ± {tps.std(ddof=1) if len(tps) > 1 else 0:,.1f}",
+            label + ("\n[yellow]client-bound[/]" if bound else ""),
+            f"{m.completed}/{m.sent}" + (f"\n[red]{m.failed} failed[/]" if m.failed else ""),
+            "p50\np99",
+            _p50_p99(m.ttft_ms, 1),
+            _p50_p99(m.itl_ms, 2),
+            _p50_p99(m.tpot_ms, 2),
+            _p50_p99(m.e2e_ms, 0),
+            f"{tps.mean():,.1f}\n± {sd:,.1f}",
             f"{rps.mean():,.2f}",
             mem,
         )
@@ -66,13 +94,14 @@ def table(runs: Sequence[RunRecord], requests: Sequence[RequestRecord], slo: Slo
         run = runs[0]
         load = f"load time {run.load_time_s:.2f} s · " if run.load_time_s is not None else ""
         t.caption = (
-            f"{run.model} at {run.base_url} ({run.endpoint}) · {load}"
-            f"workload {run.workload_hash[:12]}"
+            f"{run.model} at {run.base_url} ({run.endpoint})\n"
+            f"{load}workload {run.workload_hash[:12]}"
         )
-        if any(r.client_bound for r in runs):
+        if client_bound:
             t.caption += (
-                "\nclient-bound N/M: the harness's own event-loop lag p99 exceeded "
-                "client.lag_threshold_ms in N of M repeats; those latencies include client delay"
+                "\nclient-bound: the harness's own event-loop lag p99 exceeded "
+                f"client.lag_threshold_ms ({', '.join(client_bound)} repeats); those latencies "
+                "include client delay"
             )
     return t
 
@@ -83,8 +112,16 @@ def print_summary(
     slo: SloConfig,
     console: Console | None = None,
 ) -> None:
-    if console is None:
-        console = Console()
-        if not console.is_terminal:  # logs and pipes: wide enough that rows do not wrap
-            console = Console(width=180)
-    console.print(table(runs, requests, slo))
+    print_whole(console or Console(), table(runs, requests, slo))
+
+
+def print_whole(console: Console, renderable: RenderableType) -> None:
+    """Print at no less than the renderable's own width, so that no table column is shrunk.
+
+    rich fits a table to the console by cutting the words that do not fit ("1,1…"); printed at
+    its natural width instead, a table wider than the console keeps every figure, and a
+    terminal wraps its long lines (a pipe or a log keeps them whole).
+    """
+    natural = Measurement.get(console, console.options.update_width(_UNLIMITED), renderable)
+    options = console.options.update_width(max(console.width, natural.maximum))
+    console.print(Segments(console.render(renderable, options)), crop=False)

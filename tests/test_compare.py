@@ -1,11 +1,13 @@
 """Baselines and `python -m bench.compare` end to end: verdicts, refusals and exit codes.
 
 One real run against the reference server (5 repeats) supplies realistic records; the
-builds compared are that run and copies of it with a known change injected.
+builds compared are that run and copies of it with a known change injected. Those tests are
+slow; the console table is checked on a synthetic comparison.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from collections.abc import Callable
@@ -16,14 +18,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from rich.console import Console
 
-from bench import baseline, compare
-from bench.comparison import levels_of
+from bench import baseline, compare, stats
+from bench.comparison import Comparison, Level, Metric, Row, Side, levels_of
 from bench.config import compose
 from bench.runner import run
+from bench.stats import Verdict
 from tests.synthetic import request_record, run_record
-
-pytestmark = pytest.mark.slow
 
 LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 
@@ -77,6 +79,7 @@ def _main(*args: str) -> int:
     return compare.main(list(args))
 
 
+@pytest.mark.slow
 def test_a_20_percent_slowdown_is_a_regression_and_fails_the_gate(
     real_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -101,6 +104,7 @@ def test_a_20_percent_slowdown_is_a_regression_and_fails_the_gate(
     assert "better" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_same_build_twice_changes_nothing(real_run: Path, tmp_path: Path) -> None:
     again = _variant(real_run, tmp_path / "again", _slower(1.0, seed=3))
     loaded = [
@@ -115,6 +119,7 @@ def test_the_same_build_twice_changes_nothing(real_run: Path, tmp_path: Path) ->
     assert any(w.startswith("p99 rests on too few requests") for w in result.warnings)
 
 
+@pytest.mark.slow
 def test_incomparable_builds_are_refused_unless_allowed(
     real_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -131,6 +136,7 @@ def test_incomparable_builds_are_refused_unless_allowed(
     assert "allow_mismatch=true" in capsys.readouterr().err  # still said, as a warning
 
 
+@pytest.mark.slow
 def test_bad_arguments_name_the_problem(
     real_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -143,6 +149,7 @@ def test_bad_arguments_name_the_problem(
     assert "gate: unknown metrics" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_baseline_keeps_one_run_per_scenario_and_is_found_by_name(
     real_run: Path, tmp_path: Path
 ) -> None:
@@ -168,6 +175,7 @@ def test_a_baseline_keeps_one_run_per_scenario_and_is_found_by_name(
         baseline.save(first, "../evil", root)
 
 
+@pytest.mark.slow
 def test_saving_into_a_baseline_whose_manifest_predates_kernels_works(
     real_run: Path, tmp_path: Path
 ) -> None:
@@ -181,6 +189,7 @@ def test_saving_into_a_baseline_whose_manifest_predates_kernels_works(
     assert "kernels" in json.loads((again / "manifest.json").read_text())["runs"][0]
 
 
+@pytest.mark.slow
 def test_interleaved_ab_runs_both_builds_alternately_and_compares_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -219,3 +228,68 @@ def test_a_levels_requests_are_its_runs_not_its_load() -> None:
         chosen = compare._level_requests(requests, frame)
         assert len(chosen) == 6
         assert set(chosen["input_tokens"]) == {level.input_tokens + i for i in range(3)}
+
+
+def _side(label: str) -> Side:
+    return Side(
+        label=label,
+        source=f"results/{label}",
+        run_dirs=[f"results/{label}/r"],
+        model="tiny",
+        target_kind="bundled",
+        engine="",
+        kernels="",
+        git_commit="0123456789abcdef",
+        git_dirty=False,
+        hardware_key="cpu",
+        started_at="2026-01-01T00:00:00+00:00",
+    )
+
+
+def _row(metric: Metric, baseline: list[float], candidate: list[float], verdict: Verdict) -> Row:
+    test = stats.ratio_test(baseline, candidate)
+    return Row(
+        level=Level("concurrency", 8, None, 2048, 1024),
+        metric=metric,
+        baseline=baseline,
+        candidate=candidate,
+        baseline_median=float(np.median(baseline)),
+        candidate_median=float(np.median(candidate)),
+        test=test,
+        p_adjusted=test.p_welch,
+        verdict=verdict,
+        gate=0.1,
+        regression=False,
+    )
+
+
+def _console_table(alpha: float, threshold: float, width: int) -> str:
+    """What `python -m bench.compare` prints for one improved and one unchanged metric."""
+    throughput, ttft = compare.METRICS[0], compare.METRICS[2]
+    result = Comparison(
+        mode="stored baseline",
+        baseline=_side("baseline"),
+        candidate=_side("candidate"),
+        alpha=alpha,
+        threshold=threshold,
+        rows=[
+            _row(throughput, [10_012.5, 10_100, 9_950], [12_345.6, 12_400, 12_300], "better"),
+            _row(ttft, [1_234.5, 1_240, 1_230, 1_236], [1_240.1, 1_238, 1_245, 1_236], "~"),
+        ],
+    )
+    console = Console(width=width, record=True, file=io.StringIO())
+    compare._print(result, console)
+    return console.export_text()
+
+
+def test_the_console_table_says_what_better_worse_and_unchanged_mean() -> None:
+    text = " ".join(_console_table(alpha=0.01, threshold=0.1, width=120).split())
+    assert "better / worse: Holm-adjusted p < 0.01 and a change beyond the ±10% noise" in text
+    assert "~: not significant, within the threshold, or too few runs to test" in text
+
+
+def test_the_console_table_keeps_every_figure_whole_in_80_columns() -> None:
+    text = _console_table(alpha=0.05, threshold=0.05, width=80)
+    assert "…" not in text
+    figures = ["1.001e+04", "1.235e+04", "1,235", "1,239", "concurrency 2048/1024 c=8", "+23.2%"]
+    assert [f for f in figures if f not in text] == []

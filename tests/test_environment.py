@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import json
 import platform
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from bench.environment import fingerprint
 
@@ -27,3 +30,79 @@ def test_hardware_key_is_stable_and_names_the_gpus_or_their_absence() -> None:
     assert a.hardware_key() == b.hardware_key()
     names = ", ".join(g.name for g in a.gpus) or "no GPU"
     assert a.hardware_key().endswith(names)
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=test", "-c", "user.email=test@example.com",
+         "-c", "commit.gpgsign=false", *args],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return done.stdout
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A git checkout with one committed source file, bench/code.py."""
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "code.py").write_text("SPEED = 1\n")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-q", "-m", "source")
+    return tmp_path
+
+
+def test_a_clean_checkout_is_not_dirty(checkout: Path) -> None:
+    f = fingerprint(checkout)
+    assert f.git_commit is not None and f.git_dirty is False
+
+
+def test_results_written_inside_the_checkout_leave_it_clean(checkout: Path) -> None:
+    # Even where nothing ignores them and git is told to list every untracked file.
+    _git(checkout, "config", "status.showUntrackedFiles", "all")
+    for run_dir in ("results/pr/20260101-short_qa-abc123", "bench/20260101-short_qa-def456"):
+        (checkout / run_dir).mkdir(parents=True)
+        (checkout / run_dir / "runs.parquet").write_bytes(b"PAR1")
+    assert fingerprint(checkout).git_dirty is False
+
+
+def test_a_changed_tracked_file_makes_the_checkout_dirty(checkout: Path) -> None:
+    (checkout / "bench" / "code.py").write_text("SPEED = 2\n")
+    assert fingerprint(checkout).git_dirty is True
+
+
+def test_a_deleted_tracked_file_makes_the_checkout_dirty(checkout: Path) -> None:
+    (checkout / "bench" / "code.py").unlink()
+    assert fingerprint(checkout).git_dirty is True
+
+
+def test_a_new_untracked_file_beside_the_source_makes_the_checkout_dirty(checkout: Path) -> None:
+    (checkout / "bench" / "new_module.py").write_text("SPEED = 3\n")
+    assert fingerprint(checkout).git_dirty is True
+
+
+def test_an_ignored_file_beside_the_source_leaves_the_checkout_clean(checkout: Path) -> None:
+    (checkout / ".gitignore").write_text("*.pyc\n")
+    _git(checkout, "add", ".gitignore")
+    _git(checkout, "commit", "-q", "-m", "ignore")
+    (checkout / "bench" / "code.pyc").write_bytes(b"\0")
+    assert fingerprint(checkout).git_dirty is False
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs the project's git checkout")
+def test_this_repository_tracks_no_results_and_ignores_where_the_harness_writes() -> None:
+    assert _git(REPO, "ls-files", "results", "reports").split() == [
+        "reports/.gitkeep",
+        "results/.gitkeep",
+    ]
+    written = [
+        "results/runs/20260101-short_qa-abc123/runs.parquet",
+        "results/baselines/main/manifest.json",
+        "results/ab/20260101-000000/baseline/x/runs.parquet",
+        "results/pr/20260101-short_qa-abc123/runs.parquet",
+        "reports/pr/report.md",
+    ]
+    ignored = subprocess.run(
+        ["git", "-C", str(REPO), "check-ignore", *written], capture_output=True, text=True
+    )
+    assert ignored.stdout.split() == written

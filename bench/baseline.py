@@ -3,8 +3,9 @@
 A baseline holds one run per scenario (saving a scenario again replaces its earlier run), each
 as the run's own Parquet directory, plus `manifest.json` saying what each run measured: model,
 engine settings, workload hash, hardware, git commit and date. A few megabytes for the standard
-scenarios (mostly per-token gaps): small enough to commit beside the code whose performance it
-pins, and only comparable on the hardware it was measured on.
+scenarios (mostly per-token gaps). A baseline is only comparable on the hardware it was measured
+on, so it stays on that machine: `results/` is git-ignored (keep a CI runner's baselines in a
+directory of its own, `baseline.dir=...`, as docs/ci-example.yml does).
 """
 
 from __future__ import annotations

@@ -37,7 +37,11 @@ class EngineCore(Protocol):
     """Synchronous engine: everything is called from the engine thread only."""
 
     max_model_len: int
-    vocab_size: int  # token ids a prompt may hold: [0, vocab_size)
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold: [0, vocab_size)."""
+        ...
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Returns the seq_id; raises ValueError with a user-facing message if the request

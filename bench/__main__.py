@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra._internal.utils import get_args_parser
 from omegaconf import DictConfig
 
 from bench import baseline
+from bench.compose import compose, compose_sweep
 from bench.config import ConfigError, from_hydra
 from bench.runner import WarmupError, run
 from bench.summary import print_summary
@@ -43,5 +45,26 @@ def main(cfg: DictConfig) -> None:
         sys.exit(EXIT_PARTIAL)
 
 
+def check_command_line(argv: list[str]) -> None:
+    """Compose every config the command line asks for (each job of a multirun) and raise
+    ConfigError naming the first bad key or value. Hydra reports its own composition errors
+    with exit code 1 and advice that can mislead (`+key=...` adds a misspelt key), so this runs
+    first, on the flags hydra.main parses, and leaves running to it."""
+    args = get_args_parser().parse_args(argv)  # the parser hydra.main itself uses
+    if args.help or args.hydra_help or args.info or args.shell_completion:
+        return  # Hydra prints its own pages
+    if args.config_path or args.config_name or args.config_dir or args.experimental_rerun:
+        return  # a config other than scenarios/config.yaml: Hydra checks it
+    if args.multirun:
+        compose_sweep(args.overrides)
+    else:
+        compose(*args.overrides)
+
+
 if __name__ == "__main__":
+    try:
+        check_command_line(sys.argv[1:])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_UNUSABLE)
     main()

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import runner
-from bench.config import compose
+from bench.compose import compose
 from bench.refserver import read_truth_log
 
 

@@ -351,7 +351,7 @@ def _warn(result: Comparison, base: Loaded, cand: Loaded) -> None:
 
 def _interleave(cfg: InterleaveConfig) -> tuple[list[Path], list[Path]]:
     """Run both builds `rounds` times, alternating which goes first; their run directories."""
-    from bench.config import compose
+    from bench.compose import compose
     from bench.runner import run
 
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")

@@ -1,8 +1,9 @@
 """Typed views of the Hydra config tree under scenarios/.
 
-The YAML files hold every default; this module only checks types and ranges and turns the
-loose DictConfig into frozen dataclasses, so a bad value is reported with its full key and
-what was expected instead of failing somewhere deep in a run.
+The YAML files hold every default and bench/schema.py every key's type; bench/compose.py
+composes a command line's config. `from_hydra` checks ranges and turns the composed DictConfig
+into frozen dataclasses, so a bad value is reported with its full key and what was expected
+instead of failing somewhere deep in a run.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
+
+from runtime.model_names import check_model
 
 SCENARIOS_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 
@@ -234,10 +235,13 @@ def _target(c: Mapping[str, Any]) -> TargetConfig:
     for table in ("extra_body", "server_args"):
         if not isinstance(c[table], Mapping):
             raise _fail(k + table, "a mapping, e.g. {temperature: 0}", c[table])
+    model = _str(k + "model", c["model"], optional=True)
+    if kind == "bundled" and model is not None:
+        _check_bundled_model(model, c["server_args"].get("load_format"))
     return TargetConfig(
         kind=kind,
         base_url=base_url.rstrip("/") if base_url else None,
-        model=_str(k + "model", c["model"], optional=True),
+        model=model,
         endpoint=_choice(k + "endpoint", c["endpoint"], ENDPOINTS),
         api_key=_str(k + "api_key", c["api_key"], optional=True),
         tokenizer=_str(k + "tokenizer", c["tokenizer"], optional=True),
@@ -247,6 +251,15 @@ def _target(c: Mapping[str, Any]) -> TargetConfig:
         server_args=dict(c["server_args"]),
         startup_timeout_s=_float(k + "startup_timeout_s", c["startup_timeout_s"], strict=False),
     )
+
+
+def _check_bundled_model(model: str, load_format: object) -> None:
+    """The engine's own check of --model, before anything starts."""
+    try:
+        fmt = load_format if isinstance(load_format, str) else None
+        check_model(model, fmt, model_key="target.model:", dummy="runtime.load_format=dummy")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def from_hydra(cfg: DictConfig) -> BenchConfig:
@@ -291,9 +304,3 @@ def _recordable_yaml(raw: dict[str, Any]) -> str:
     if raw["target"].get("api_key"):
         raw = {**raw, "target": {**raw["target"], "api_key": "***"}}
     return OmegaConf.to_yaml(OmegaConf.create(raw))
-
-
-def compose(*overrides: str) -> BenchConfig:
-    """The config `python -m bench OVERRIDES...` would run, for programmatic use."""
-    with initialize_config_dir(config_dir=str(SCENARIOS_DIR), version_base="1.3"):
-        return from_hydra(hydra_compose(config_name="config", overrides=list(overrides)))

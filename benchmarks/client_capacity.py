@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import runner
-from bench.config import compose
+from bench.compose import compose
 from bench.refserver import read_truth_log
 
 LAG_LIMIT_MS = 1.0

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runtime.config import DTYPES, QUANTIZATIONS, EngineConfig
+from runtime.model_names import check_model
 from runtime.parallel import torchrun_rank
 
 if TYPE_CHECKING:
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = _engine_config(args)  # bad values fail here, before the port is taken
+        check_model(cfg.model, cfg.load_format)
         rank = torchrun_rank(cfg.tensor_parallel_size) if cfg.tensor_parallel_size > 1 else None
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

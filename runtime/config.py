@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GptOssForCausalLM")
-ARCHITECTURES_DIR = Path(__file__).resolve().parent / "architectures"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Weight-only: int8 and int4 the linear layers (runtime/quantization.py), mxfp4 a mixture of
 # experts' experts, as OpenAI ships GPT-OSS (runtime/layers/mxfp4.py).
@@ -176,12 +175,6 @@ def _gpt_oss_fields(raw: Mapping[str, Any], layers: int) -> dict[str, Any]:
         "layer_types": tuple(types),
         "moe": moe,
     }
-
-
-def named_architecture(name: str) -> Path | None:
-    """The config.json of a named architecture under runtime/architectures/, if one exists."""
-    path = ARCHITECTURES_DIR / f"{name}.json"
-    return path if path.is_file() else None
 
 
 @dataclass(frozen=True)

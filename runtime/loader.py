@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from runtime.config import EngineConfig, ModelConfig, named_architecture
+from runtime.config import EngineConfig, ModelConfig
 from runtime.layers.moe import check_mxfp4_groups
 from runtime.layers.weight_loader import float_loader, float_name, logical_shape
+from runtime.model_names import check_model, named_architecture
 from runtime.models.llama import LlamaForCausalLM
 from runtime.tiny import ensure_tiny
 
@@ -26,22 +27,10 @@ from runtime.tiny import ensure_tiny
 def resolve_model(cfg: EngineConfig) -> tuple[Path, ModelConfig, int]:
     """Where the model's config (and, unless dummy, weights and tokenizer) live, its shape,
     and the max_model_len to serve it at; raises if the config does not fit the model."""
-    if cfg.model == "tiny":
-        path = ensure_tiny()
-    elif (named := named_architecture(cfg.model)) is not None:
-        if cfg.load_format != "dummy":
-            raise ValueError(
-                f"{cfg.model!r} is a named architecture without weights: use "
-                "--load-format dummy, or pass a checkpoint directory"
-            )
-        path = named
-    else:
-        path = Path(cfg.model)
-        if not (path / "config.json").is_file():
-            raise ValueError(
-                f"--model {cfg.model!r} is neither `tiny`, a named architecture in "
-                "runtime/architectures/, nor a directory with a config.json"
-            )
+    check_model(cfg.model, cfg.load_format)
+    path = (
+        ensure_tiny() if cfg.model == "tiny" else named_architecture(cfg.model) or Path(cfg.model)
+    )
     mcfg = ModelConfig.from_hf(path)
     max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
     if max_model_len > mcfg.max_position_embeddings:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.config import ARCHITECTURES_DIR
+from runtime.model_names import ARCHITECTURES_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO / ".models"

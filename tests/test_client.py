@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from bench import client
-from bench.config import TargetConfig, compose
+from bench.compose import compose
+from bench.config import TargetConfig
 from bench.workload import RequestSpec
 from tests.conftest import RefServer
 

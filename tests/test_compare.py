@@ -22,7 +22,7 @@ from rich.console import Console
 
 from bench import baseline, compare, stats
 from bench.comparison import Comparison, Level, Metric, Row, Side, levels_of
-from bench.config import compose
+from bench.compose import compose
 from bench.runner import run
 from bench.stats import Verdict
 from tests.synthetic import request_record, run_record

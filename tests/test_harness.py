@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench import runner, store
-from bench.config import compose
+from bench.compose import compose
 from tests.conftest import RefServer, best_of
 
 pytestmark = pytest.mark.slow

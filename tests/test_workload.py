@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 
 from bench import workload
+from bench.compose import compose as bench_cfg
 from bench.config import BenchConfig
-from bench.config import compose as bench_cfg
 
 
 def _build(cfg: BenchConfig, text: bool = False) -> workload.Workload:

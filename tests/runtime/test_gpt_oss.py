@@ -16,12 +16,13 @@ from runtime.attention.cpu_kernel import CpuKernelAttention
 from runtime.attention.interface import AttentionBackend
 from runtime.attention.reference import TorchAttention
 from runtime.attention.triton_paged import TritonAttention
-from runtime.config import EngineConfig, ModelConfig, named_architecture
+from runtime.config import EngineConfig, ModelConfig
 from runtime.engine import Engine
 from runtime.layers import mxfp4
 from runtime.layers.moe import MoE
 from runtime.layers.rotary import RotaryEmbedding
 from runtime.loader import load_checkpoint, load_dummy
+from runtime.model_names import named_architecture
 from runtime.model_runner import use_cpu_kernels, use_fused_experts
 from runtime.models.llama import LlamaForCausalLM
 from runtime.parallel import SINGLE, TensorParallel

@@ -11,9 +11,10 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from runtime.attention.reference import TorchAttention
-from runtime.config import ModelConfig, named_architecture
+from runtime.config import ModelConfig
 from runtime.layers.linear import LinearBase, PanelWeight, pack_weights
 from runtime.loader import load_checkpoint, load_dummy
+from runtime.model_names import named_architecture
 from runtime.model_runner import use_cpu_kernels
 from runtime.models.llama import LlamaForCausalLM
 from tests.runtime.paged import prefill

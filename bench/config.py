@@ -83,7 +83,11 @@ class LoadLevel:
 
     @property
     def label(self) -> str:
-        load = f"c={self.concurrency}" if self.request_rate is None else f"{self.request_rate}/s"
+        if self.request_rate is None:
+            load = f"c={self.concurrency}"
+        else:  # open loop, with its cap on requests in flight where one is set
+            cap = f" ≤{self.concurrency}" if self.concurrency else ""
+            load = f"{self.request_rate:g}/s{cap}"
         return f"{self.input_tokens}/{self.output_tokens} {load}"
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from bench import compose
 from bench.compose import compose as bench_cfg
-from bench.config import ConfigError
+from bench.config import ConfigError, LoadLevel
 from runtime import model_names
 
 
@@ -234,3 +234,9 @@ def test_a_sweep_with_one_bad_job_is_refused_before_any_runs() -> None:
         ConfigError, match=r"^runtime\.max_num_seqs: no such key with target=openai"
     ):
         compose.compose_sweep(["target=bundled,openai", "runtime.max_num_seqs=2"])
+
+
+def test_a_level_label_names_its_lengths_and_load() -> None:
+    assert LoadLevel(0, 64, 128, 4, None).label == "64/128 c=4"
+    assert LoadLevel(1, 64, 128, None, 2.0).label == "64/128 2/s"
+    assert LoadLevel(2, 64, 128, 8, 0.5).label == "64/128 0.5/s ≤8"

@@ -13,6 +13,7 @@ from bench import baseline
 from bench.compose import compose, compose_sweep
 from bench.config import ConfigError, from_hydra
 from bench.runner import WarmupError, run
+from bench.stop_signals import Interrupted
 from bench.summary import print_summary
 from bench.targets import TargetError
 
@@ -26,7 +27,7 @@ def main(cfg: DictConfig) -> None:
     try:
         bench_cfg = from_hydra(cfg)
         result = run(bench_cfg)
-    except (ConfigError, TargetError, WarmupError) as exc:
+    except (ConfigError, TargetError, WarmupError, Interrupted) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_UNUSABLE)
     print_summary(result.runs, result.requests, bench_cfg.slo)

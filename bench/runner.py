@@ -2,6 +2,9 @@
 
 Repeats are the outer loop (repeat 0 of every level, then repeat 1, ...), so slow drift of the
 machine spreads over all levels instead of biasing the last one.
+
+Ctrl-C, SIGTERM and SIGHUP stop a run early and alike (bench/stop_signals.py): what finished is
+kept and the run is partial; one that had measured nothing raises Interrupted.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,15 +24,17 @@ from pathlib import Path
 import aiohttp
 
 from bench import client, environment, metrics, workload
-from bench.config import BenchConfig, LoadLevel
+from bench.config import BenchConfig, LoadLevel, WorkloadConfig
 from bench.load import LagMonitor, LevelOutcome, run_level
 from bench.progress import LiveProgress
 from bench.records import SCHEMA_VERSION, RequestRecord, RunRecord, TelemetryRecord
+from bench.stop_signals import Interrupted, StopSignals
 from bench.store import RunStore
-from bench.targets import Server, serve
+from bench.targets import Server, refusal_hint, serve
 from bench.telemetry import Sample, Sampler
 
 REPO_DIR = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
 
 
 class WarmupError(RuntimeError):
@@ -117,6 +123,28 @@ def _tokenizer(path: str | None) -> workload.Tokenizer | None:
     return tok
 
 
+def _prompt_ids(
+    cfg: WorkloadConfig, server: Server, tokenizer: workload.Tokenizer | None
+) -> WorkloadConfig:
+    """The prompt token id range, within the model's vocabulary where the server's model card
+    (else target.tokenizer) tells its size."""
+    vocab = server.vocab_size or (tokenizer.vocab_size if tokenizer is not None else None)
+    if vocab is None:
+        return cfg
+    fitted = workload.within_vocabulary(cfg, vocab)
+    if fitted != cfg:
+        log.info(
+            "prompt token ids drawn from [%d, %d): %s has a vocabulary of %d ids "
+            "(workload.token_id_high=%d)",
+            fitted.token_id_low,
+            fitted.token_id_high,
+            server.model,
+            vocab,
+            cfg.token_id_high,
+        )
+    return fitted
+
+
 class _Run:
     """The state shared by the levels of one run."""
 
@@ -126,7 +154,8 @@ class _Run:
         text = cfg.workload.prompt_format == "text" or (
             cfg.workload.prompt_format == "auto" and cfg.target.endpoint == "chat"
         )
-        self.workload = workload.build(cfg.scenario, cfg.workload, cfg.seed, text, self.tokenizer)
+        ids = _prompt_ids(cfg.workload, server, self.tokenizer)
+        self.workload = workload.build(cfg.scenario, ids, cfg.seed, text, self.tokenizer)
         self.workload_hash = _workload_hash(cfg, self.workload.digest)
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         self.run_id = f"{stamp}-{cfg.scenario.name}-{uuid.uuid4().hex[:6]}"
@@ -264,9 +293,7 @@ async def _warmup(run: _Run, session: aiohttp.ClientSession) -> None:
         status = f"HTTP {first.http_status}: " if first.http_status else ""
         raise WarmupError(
             f"all {len(specs)} warm-up requests failed ({first.error}: {status}"
-            f"{first.error_message}). Check target.model and target.endpoint, and whether the "
-            "server accepts ignore_eos (else target.ignore_eos=false) and continuous usage "
-            "stats (else target.continuous_usage_stats=false)."
+            f"{first.error_message}). {refusal_hint(first.http_status, first.error_message)}"
         )
 
 
@@ -279,8 +306,11 @@ async def _level(
 ) -> LevelOutcome:
     specs = run.workload.batches[level.index, repeat]
     requests: list[RequestRecord] = []
+    interrupted = False
 
     def keep(spec: workload.RequestSpec, r: client.RequestResult) -> None:
+        if interrupted:  # a request that outlived the interruption: not part of the level
+            return
         rec = _record(r, spec, level, repeat, run.run_id, run.cfg.scenario.name, run.origin_s)
         requests.append(rec)
         run.store.requests.append(rec)  # on disk at the next flush, even if the level dies
@@ -290,8 +320,17 @@ async def _level(
     lag_task = asyncio.create_task(lag.run())
     send = functools.partial(run.send, session)
     limit = run.cfg.client.max_consecutive_connection_errors
+    started_s = time.perf_counter()
     try:
         outcome = await run_level(send, specs, level, keep, limit)
+    except asyncio.CancelledError as exc:  # a stop signal: what finished is a partial level
+        interrupted = True
+        reason = str(exc.args[0]) if exc.args else "cancelled"
+        stopped = LevelOutcome(
+            started_s=started_s, ended_s=time.perf_counter(), stopped_early=reason
+        )
+        run.store.runs.append(run.run_record(level, repeat, stopped, requests, lag))
+        raise
     finally:
         lag_task.cancel()
         run.telemetry_lag(lag)
@@ -325,6 +364,14 @@ def run(cfg: BenchConfig) -> RunResult:
     """Run the configured scenario against the configured target; see the module docstring."""
     levels = cfg.scenario.levels()
     total = len(levels) * cfg.scenario.repeats * cfg.scenario.num_requests
+    with StopSignals() as signals:
+        try:
+            return _run(cfg, signals, total)
+        except Interrupted as exc:  # exit code 2, as for any run that measured nothing
+            raise Interrupted(f"{exc} before any request was measured") from None
+
+
+def _run(cfg: BenchConfig, signals: StopSignals, total: int) -> RunResult:
     with serve(cfg.target) as server:
         pids = [server.process.pid] if server.process else []
         metrics_url = f"{server.base_url}/metrics" if cfg.scrape_server_metrics else None
@@ -333,14 +380,16 @@ def run(cfg: BenchConfig) -> RunResult:
             try:
                 with LiveProgress(total, cfg.progress) as progress:
                     progress.log(f"run {state.run_id}: writing to {state.store.dir}")
-                    reason = asyncio.run(_measure(state, progress))
-            except KeyboardInterrupt:
-                reason = "interrupted"
+                    reason = asyncio.run(signals.measure(_measure(state, progress)))
+            except Interrupted as exc:  # the signal came before the event loop ran `measure`
+                reason = str(exc)
             finally:
                 sampler.stop()
                 state.telemetry_samples(sampler.samples())
                 if state.store.requests:  # a run that measured nothing leaves no directory
                     state.store.flush()
+    if reason is not None and reason == signals.reason and not state.store.requests:
+        raise Interrupted(reason)
     return RunResult(
         state.store.dir,
         "complete" if reason is None else "partial",

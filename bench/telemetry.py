@@ -10,18 +10,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import queue
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import queues as mp_queues
+from multiprocessing import resource_tracker
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as EventType
 from types import ModuleType, TracebackType
 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
+
+from runtime.lifetime import bind_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +124,9 @@ def _sample_forever(
     metrics_url: str | None,
     out: mp_queues.Queue[list[Sample]],
     stop: EventType,
+    parent_pid: int,
 ) -> None:
+    bind_to_parent(parent_pid)  # stopped by `stop`, or gone with the harness; not by Ctrl-C
     next_scrape = 0.0
     with nvml() as nv:
         handles = [] if nv is None else [
@@ -156,6 +163,20 @@ def _sample(nv: ModuleType | None, handles: list[object], pids: list[int]) -> li
     return rows
 
 
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (the sampler's queue and process need one) with
+    SIGHUP blocked for good. It ignores SIGINT and SIGTERM itself, but a terminal's hang-up
+    reaches the whole foreground process group, and a tracker it kills is relaunched with no
+    record of the sampler's semaphores: freeing them then prints a traceback each."""
+    if not hasattr(signal, "pthread_sigmask") or not hasattr(signal, "SIGHUP"):
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:  # a blocked signal is inherited, and the tracker unblocks only SIGINT and SIGTERM
+        resource_tracker.ensure_running()
+    finally:  # a hang-up that came meanwhile is delivered now
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class Sampler:
     """Samples in a separate process: walking the process table costs milliseconds of Python,
     which in a thread would hold the GIL against the event loop whose latency we measure."""
@@ -165,13 +186,14 @@ class Sampler:
     ) -> None:
         self.interval_s, self.pids, self.metrics_url = interval_s, list(pids), metrics_url
         self._ctx = multiprocessing.get_context("spawn")
+        _start_resource_tracker()
         self._queue: mp_queues.Queue[list[Sample]] = self._ctx.Queue()
         self._stop = self._ctx.Event()
         self._process: BaseProcess | None = None
         self._samples: list[Sample] = []
 
     def start(self) -> Sampler:
-        args = (self.interval_s, self.pids, self.metrics_url, self._queue, self._stop)
+        args = (self.interval_s, self.pids, self.metrics_url, self._queue, self._stop, os.getpid())
         self._process = self._ctx.Process(target=_sample_forever, args=args, daemon=True)
         self._process.start()
         return self

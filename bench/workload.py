@@ -8,6 +8,7 @@ concurrency of a sweep is served the same prompts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from bench.config import LoadLevel, ScenarioConfig, WorkloadConfig
+from bench.config import ConfigError, LoadLevel, ScenarioConfig, WorkloadConfig
 
 # Common English words that are one token (with their leading space) in the GPT-2, Llama and
 # Qwen vocabularies: the fallback for text prompts when no tokenizer is configured.
@@ -54,6 +55,19 @@ class Workload:
     warmup: list[RequestSpec]
     batches: dict[tuple[int, int], list[RequestSpec]]  # (level index, repeat) -> requests
     digest: str  # sha256 over every prompt, length and send offset, in order
+
+
+def within_vocabulary(cfg: WorkloadConfig, vocab_size: int) -> WorkloadConfig:
+    """`cfg` with random prompt token ids drawn below `vocab_size`: the configured range is
+    wide enough for every common vocabulary, and a server rejects ids past its own."""
+    if cfg.token_id_high <= vocab_size:
+        return cfg
+    if cfg.token_id_low >= vocab_size:
+        raise ConfigError(
+            f"workload.token_id_low: expected an id below the model's vocabulary size "
+            f"{vocab_size}, got {cfg.token_id_low}; set e.g. workload.token_id_low=3"
+        )
+    return dataclasses.replace(cfg, token_id_high=vocab_size)
 
 
 def _token_prompt(rng: np.random.Generator, n: int, cfg: WorkloadConfig) -> list[int]:

@@ -13,15 +13,18 @@ Failure: a dead rank must stop the engine with an error that names it, never han
 each step rank 0 checks its spawned workers' exit codes; during one, gloo fails a collective at
 once when a peer's connection closes (a process that exits or is killed) and after
 COLLECTIVE_TIMEOUT when a peer hangs, and rank 0 then looks again for an exit code to name.
-Spawned workers are daemonic (multiprocessing ends them when rank 0's process exits) and a
-worker whose rank 0 disappears fails its next receive and exits. Under torchrun the agent owns
-the processes, so rank 0 can report the failed collective but not which rank died.
+Spawned workers are daemonic (multiprocessing ends them when rank 0's process exits cleanly)
+and end themselves when rank 0's process is gone by any means, SIGKILL included
+(runtime/lifetime.py); they ignore a terminal's Ctrl-C and hang-up, which reach the whole
+process group, since rank 0 stops them. Under torchrun the agent owns the processes, so rank 0
+can report the failed collective but not which rank died.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing.process
+import os
 from collections.abc import Sequence
 from enum import IntEnum
 
@@ -32,6 +35,7 @@ import torch.multiprocessing as mp
 from runtime.attention.interface import AttentionMetadata
 from runtime.config import EngineConfig
 from runtime.device import engine_device
+from runtime.lifetime import bind_to_parent
 from runtime.loader import resolve_model
 from runtime.model_runner import ModelRunner, StepInputs, load_runner
 from runtime.parallel import TensorParallel, close_group, free_port, init_group, torchrun_rank
@@ -95,6 +99,14 @@ def run_worker(cfg: EngineConfig, rank: int, size: int, init_method: str) -> Non
         close_group()
 
 
+def _spawned_worker(
+    cfg: EngineConfig, rank: int, size: int, init_method: str, parent_pid: int
+) -> None:
+    """A rank that rank 0 spawned: it lives and dies with rank 0's process."""
+    bind_to_parent(parent_pid)
+    run_worker(cfg, rank, size, init_method)
+
+
 class Workers:
     """Rank 0's handle on the other ranks: the processes it spawned (none under torchrun,
     whose agent owns them) and the control group."""
@@ -123,8 +135,8 @@ class Workers:
         context = mp.get_context("spawn")
         processes = [
             context.Process(
-                target=run_worker,
-                args=(cfg, rank, size, init_method),
+                target=_spawned_worker,
+                args=(cfg, rank, size, init_method, os.getpid()),
                 name=f"tp-rank-{rank}",
                 daemon=True,
             )

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bench import store
+from bench.targets import _free_port, _wait_healthy
 from tests.test_harness import _bench, _run_dirs
 
 pytestmark = pytest.mark.slow
@@ -53,3 +57,35 @@ def test_a_bad_engine_knob_names_itself(tmp_path: Path) -> None:
     assert bad.returncode != 0
     assert "max_num_seqs: expected an integer >= 1, got 0" in bad.stderr
     assert "exited with code 2" in bad.stdout + bad.stderr
+
+
+@pytest.fixture
+def tiny_server() -> Iterator[str]:
+    """`python -m runtime serve --model tiny` on a free loopback port, as `make serve` starts it."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "runtime", "serve", "--model", "tiny", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(proc, url, timeout_s=120)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("suffix", ["", "/v1"])
+def test_a_running_engine_is_measured_with_the_default_workload(
+    tiny_server: str, suffix: str, tmp_path: Path
+) -> None:
+    # No workload override: the default random ids reach 20000, past tiny's 2048; the model's
+    # card tells the harness its vocabulary.
+    out = _bench(f"target.base_url={tiny_server}{suffix}", f"results_dir={tmp_path}",
+                 "scenario.num_requests=2", "scenario.repeats=1")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "vocabulary of 2048 ids" in out.stdout
+    assert ("ends in /v1" in out.stdout) == (suffix == "/v1")
+    (run_dir,) = _run_dirs(tmp_path)
+    runs = store.load(run_dir).runs
+    assert runs["success_rate"].tolist() == [1.0]
+    assert runs["base_url"].tolist() == [tiny_server]

@@ -44,7 +44,7 @@ def test_a_scenario_run_leaves_parquet_that_pandas_reads(tmp_path: Path) -> None
         "scenario.output_tokens=16",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "out tok/s" in out.stdout  # the summary table
+    assert "64/16 c=4" in out.stdout and "tok/s" in out.stdout  # the summary table
     (run_dir,) = _run_dirs(tmp_path)
     data = store.load(run_dir)
     assert set(data.requests.columns) >= REQUIRED_REQUEST_COLUMNS

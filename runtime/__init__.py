@@ -1,5 +1,2 @@
-"""The bundled serving engine: continuous batching over a paged KV cache.
-
-Runs on CPU today (docs/architecture.md, "The engine"); its OpenAI-compatible server,
-`target=bundled` in the harness, tensor parallelism and GPU kernels come next.
-"""
+"""The bundled serving engine: continuous batching over a paged KV cache, tensor parallelism,
+and an OpenAI-compatible server (`python -m runtime serve`); see docs/architecture.md."""

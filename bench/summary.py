@@ -52,7 +52,7 @@ def table(runs: Sequence[RunRecord], requests: Sequence[RequestRecord], slo: Slo
         by_level[r.level].append(r)
     scenario = f"{runs[0].scenario}: " if runs else ""
     t = Table(
-        title=f"{scenario}p50 and p99 over all requests; throughput mean ± sd over repeats",
+        title=f"{scenario}latency p50, p99 of all requests · tok/s mean ± sd of repeats",
         box=box.SIMPLE_HEAD,
         show_edge=False,
         collapse_padding=True,

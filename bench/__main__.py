@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, TargetError, WarmupError, Interrupted) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_UNUSABLE)
-    print_summary(result.runs, result.requests, bench_cfg.slo)
+    print_summary(result.runs, result.requests)
     print(f"results: {result.run_dir}")
     if bench_cfg.baseline_save and result.status == "complete":
         home = baseline.save(result.run_dir, bench_cfg.baseline_save, Path(bench_cfg.baselines_dir))

@@ -2,10 +2,11 @@
 
 A baseline holds one run per scenario (saving a scenario again replaces its earlier run), each
 as the run's own Parquet directory, plus `manifest.json` saying what each run measured: model,
-engine settings, workload hash, hardware, git commit and date. A few megabytes for the standard
-scenarios (mostly per-token gaps). A baseline is only comparable on the hardware it was measured
-on, so it stays on that machine: `results/` is git-ignored (keep a CI runner's baselines in a
-directory of its own, `baseline.dir=...`, as docs/ci-example.yml does).
+engine settings, workload hash, machine (`hardware_key` in one line, and in `environment` the
+whole fingerprint with its `machine`), git commit and date. A few megabytes for the standard
+scenarios (mostly per-token gaps). A baseline is only comparable on the machine it was measured
+on (`bench.compare` refuses another), so it stays there: `results/` is git-ignored (keep a CI
+runner's baselines in a directory of its own, `baseline.dir=...`, as docs/ci-example.yml does).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from typing import Any
 
 import pandas as pd
 from omegaconf import OmegaConf
+
+from bench import store
+from bench.environment import Machine
 
 MANIFEST = "manifest.json"
 
@@ -35,10 +39,15 @@ class Entry:
     git_commit: str | None
     git_dirty: bool | None
     started_at: str
-    environment: dict[str, Any]  # the run's whole fingerprint: packages, CPU, GPUs, driver, CUDA
+    environment: dict[str, Any]  # the run's whole fingerprint: packages, Python, its machine
     # What the engine computed with, e.g. "attention=cpu-kernel ...", or "" (also for
     # manifests written before schema 3, which did not record it).
     kernels: str = ""
+
+    @property
+    def machine(self) -> Machine | None:
+        """The machine the run was measured on; None for a run recorded without its identity."""
+        return Machine.of(self.environment)
 
 
 def engine_knobs(config_yaml: str) -> str:
@@ -114,19 +123,10 @@ def run_dirs(source: str, root: Path) -> list[Path]:
     path = Path(source)
     if not path.exists() and (root / source).is_dir():
         path = root / source
-    if (path / "runs.parquet").is_file():
-        return [path]
     if not path.is_dir():
         known = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         raise FileNotFoundError(
             f"{source!r} is neither a baseline in {root} ({', '.join(known) or 'none saved yet'})"
             " nor a directory of runs; save one with `python -m bench ... baseline.save=NAME`"
         )
-    found = sorted(
-        p.parent
-        for p in path.rglob("runs.parquet")
-        if not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
-    if not found:
-        raise FileNotFoundError(f"{path} holds no runs (no runs.parquet below it)")
-    return found
+    return store.find_run_dirs([path])

@@ -16,12 +16,18 @@ Interleaved mode runs both builds alternately on this machine (A B B A A B ...: 
 which goes first cancels a linear drift), one repeat per round and side, then compares them:
 on a shared machine that is far less noisy than a baseline stored on another day.
 
+Builds compare only when they ran the same workload and model on one machine: the machine in
+each run's fingerprint (bench/environment.py) must show no difference that moves speed (CPU
+model, ISA, cores, memory, GPUs with their power limits and clocks). A run recorded without a
+machine identity is refused too. Differing driver or package versions are a warning.
+
 Exit codes: 0 no regression; 1 a metric regressed beyond its gate; 2 the comparison could not
 be made (bad arguments, missing runs, incomparable builds).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import statistics
@@ -43,15 +49,15 @@ from bench import stats
 from bench.comparison import (
     Comparison,
     Geomean,
-    Level,
     MemoryRow,
     Metric,
     QuantileRow,
     Row,
     Side,
-    levels_of,
 )
+from bench.environment import Machine, commits_behind, version_differences, versions
 from bench.figures import Build
+from bench.levels import Level, level_requests, levels_of, peak_memory, run_peaks
 from bench.report import verdict_rule
 from bench.summary import print_whole
 
@@ -69,8 +75,7 @@ METRICS = (
     Metric("e2e_ms_p50", "E2E p50", "ms", higher_is_better=False),
     Metric("e2e_ms_p99", "E2E p99", "ms", higher_is_better=False),
 )
-LOAD_TIME = Metric("load_time_s", "load time", "s", higher_is_better=False)
-SERVER_START = Level("server start", None, None, 0, 0)
+LOAD_TIME = Metric("load_time_s", "load time", "s", higher_is_better=False, over="server starts")
 QUANTILES = (("ttft_ms", 0.5), ("ttft_ms", 0.99), ("e2e_ms", 0.5), ("e2e_ms", 0.99))
 # Peak memory is deterministic up to allocator noise: beyond this it changed.
 MEMORY_TOLERANCE = 0.02
@@ -92,7 +97,7 @@ class CompareConfig:
     baseline: str | None = None  # a baseline name (results/baselines/NAME) or a path of runs
     candidate: str | None = None  # a path: a run directory or a directory of runs
     report: str | None = None  # where report.md, report.html and figures go
-    allow_mismatch: bool = False  # compare builds whose workload/model/hardware differ anyway
+    allow_mismatch: bool = False  # compare builds whose workload/model/machine differ anyway
     alpha: float = 0.05
     threshold: float = 0.05  # effects within +-5% are noise, whatever the p-value
     gate: dict[str, float] = field(default_factory=dict)  # per-metric regression threshold
@@ -109,6 +114,8 @@ class Loaded:
     side: Side
     runs: pd.DataFrame
     requests: pd.DataFrame
+    machines: tuple[Machine | None, ...] = ()  # per run directory; None: recorded without one
+    versions: dict[str, str] = field(default_factory=dict)  # software: "2.5.1+cpu" or "a / b"
 
     @functools.cached_property
     def levels(self) -> dict[Level, pd.DataFrame]:
@@ -138,11 +145,19 @@ def load_side(label: str, source: str, run_dirs: Sequence[Path]) -> Loaded:
         hardware_key=", ".join(sorted({e.hardware_key for e in entries})),
         started_at=min(e.started_at for e in entries),
     )
-    return Loaded(side, runs, requests)
+    machines = tuple(e.machine for e in entries)
+    return Loaded(side, runs, requests, machines, versions(*(e.environment for e in entries)))
+
+
+def with_commits_behind(base: Loaded, cand: Loaded, repo_dir: Path) -> Loaded:
+    """The baseline with how many commits it is behind the candidate in `repo_dir`'s history."""
+    behind = commits_behind(repo_dir, base.side.git_commit, cand.side.git_commit)
+    side = dataclasses.replace(base.side, commits_behind=behind)
+    return dataclasses.replace(base, side=side)
 
 
 def mismatches(base: Loaded, cand: Loaded) -> list[str]:
-    """What makes the two builds incomparable: different work, model or hardware."""
+    """What makes the two builds incomparable: different work, model or machine."""
     found = []
     for scenario in sorted(set(base.runs["scenario"]) & set(cand.runs["scenario"])):
         hashes = [
@@ -156,11 +171,43 @@ def mismatches(base: Loaded, cand: Loaded) -> list[str]:
             )
     if base.side.model != cand.side.model:
         found.append(f"model: baseline {base.side.model!r}, candidate {cand.side.model!r}")
-    if base.side.hardware_key != cand.side.hardware_key:
-        found.append(
-            f"hardware: baseline {base.side.hardware_key!r}, candidate {cand.side.hardware_key!r}"
-        )
+    return found + _machine_mismatches(base, cand)
+
+
+def _machine_mismatches(base: Loaded, cand: Loaded) -> list[str]:
+    """How the machines differ: between the sides, or between the runs of one side; a run
+    without a machine identity cannot show that it ran on the other side's machine."""
+    found: list[str] = []
+    machines = []
+    for loaded in (base, cand):
+        if not loaded.machines or None in loaded.machines:
+            found.append(_unidentified(loaded.side))
+            continue
+        first, *others = [m for m in loaded.machines if m is not None]
+        for other in others:
+            for difference in first.differences(other):
+                item = f"machine: {difference} (between the {loaded.side.label}'s runs)"
+                if item not in found:
+                    found.append(item)
+        machines.append(first)
+    if len(machines) == 2:
+        differences = machines[0].differences(machines[1])
+        found += [f"machine: {d} (baseline vs candidate)" for d in differences]
     return found
+
+
+def _unidentified(side: Side) -> str:
+    if side.label == "baseline":
+        name = side.source if "/" not in side.source else "NAME"
+        again = f"record it again on this machine: make baseline / baseline.save={name}"
+    else:
+        again = "run it again on this machine"
+    return (
+        f"{side.label} {side.source} was recorded without a machine identity (by a harness "
+        "that did not record the CPU ISA, cores, memory and GPU clocks), so nothing shows it "
+        f"ran on the {'candidate' if side.label == 'baseline' else 'baseline'}'s machine; "
+        f"{again}"
+    )
 
 
 def _short(hashes: set[str]) -> str:
@@ -175,15 +222,26 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
+_Test = stats.RatioTest | None
+
+
+def _geomean(values: Sequence[float]) -> float:
+    """The value a row shows for a side; nan where it has none, or one <= 0 (not tested)."""
+    try:
+        return stats.geomean(values)
+    except ValueError:
+        return math.nan
+
+
 def _test(
-    level: Level, metric: Metric, base: list[float], cand: list[float], warnings: list[str]
+    where: str, metric: Metric, base: list[float], cand: list[float], warnings: list[str]
 ) -> stats.RatioTest | None:
     if not base or not cand:
         return None
     try:
         return stats.ratio_test(base, cand)
     except ValueError as exc:
-        warnings.append(f"{level.name} {metric.label}: not tested ({exc})")
+        warnings.append(f"{where} {metric.label}: not tested ({exc})")
         return None
 
 
@@ -193,33 +251,31 @@ def _per_run(requests: pd.DataFrame, column: str) -> list[list[float]]:
     return [list(map(float, g[column])) for _, g in ok.groupby(["run_id", "repeat"])]
 
 
-def _level_requests(requests: pd.DataFrame, level_runs: pd.DataFrame) -> pd.DataFrame:
-    """The requests of a level's runs: joined on (run_id, level), since per-request lengths
-    vary around the level's (range_ratio) and one scenario may sweep lengths at one load."""
-    keys = level_runs[["run_id", "level"]].drop_duplicates()
-    return requests.merge(keys, on=["run_id", "level"])
-
-
-def _memory(level: Level, base: pd.DataFrame, cand: pd.DataFrame) -> list[MemoryRow]:
-    def per_device(frame: pd.DataFrame) -> dict[str, list[float]]:
-        out: dict[str, list[float]] = {}
-        for peaks, rss in zip(frame["peak_gpu_memory_mib"], frame["peak_rss_mib"], strict=True):
-            if peaks is not None and len(peaks):
-                for i, v in enumerate(peaks):
-                    out.setdefault(f"gpu{i}", []).append(float(v))
-            elif rss is not None and not pd.isna(rss):
-                out.setdefault("rss", []).append(float(rss))
-        return out
-
-    b, c = per_device(base), per_device(cand)
-    rows = []
-    for device in sorted(set(b) & set(c)):
-        bm, cm = _median(b[device]), _median(c[device])
-        delta = cm / bm - 1.0
-        worse: stats.Verdict = "worse" if delta > 0 else "better"
-        rows.append(MemoryRow(level, device, bm, cm, delta * 100.0,
-                              worse if abs(delta) > MEMORY_TOLERANCE else "~"))  # fmt: skip
-    return rows
+def _memory(
+    level: Level, base: pd.DataFrame, cand: pd.DataFrame, warnings: list[str]
+) -> MemoryRow | None:
+    """The level's peak memory of both builds (the console's and the report's "peak MiB")."""
+    b, c = peak_memory(base), peak_memory(cand)
+    if b is None or c is None:
+        return None
+    if b.kind != c.kind:
+        warnings.append(
+            f"{level.name}: peak memory not compared: the baseline measured {b.kind}, the "
+            f"candidate {c.kind}"
+        )
+        return None
+    delta = c.mib / b.mib - 1.0
+    verdict: stats.Verdict = "~"
+    if abs(delta) > MEMORY_TOLERANCE:
+        verdict = "worse" if delta > 0 else "better"
+    return MemoryRow(
+        level=level,
+        kind=b.kind,
+        baseline_mib=b.mib,
+        candidate_mib=c.mib,
+        delta_pct=delta * 100.0,
+        verdict=verdict,
+    )
 
 
 def compare(
@@ -244,15 +300,16 @@ def compare(
     base_levels, cand_levels = base.levels, cand.levels
     for name, levels in (("baseline", base_levels), ("candidate", cand_levels)):
         other = cand_levels if name == "baseline" else base_levels
-        for level in sorted(set(levels) - set(other), key=lambda lv: lv.name):
+        for level in sorted(set(levels) - set(other), key=Level.sort_key):
             warnings.append(f"{level.name}: only in the {name}; not compared")
-    common = sorted(set(base_levels) & set(cand_levels), key=lambda lv: lv.name)
+    common = sorted(set(base_levels) & set(cand_levels), key=Level.sort_key)
     if not common:
         raise CompareError(
             "the builds share no load level (same scenario, lengths and load); run the "
             "candidate with the baseline's scenario and overrides"
         )
-    pending: list[tuple[Level, Metric, list[float], list[float], stats.RatioTest | None]] = []
+    # (level, or None for load time; metric; per-run values of each side; their test)
+    pending: list[tuple[Level | None, Metric, list[float], list[float], _Test]] = []
     for level in common:
         b, c = base_levels[level], cand_levels[level]
         if min(len(b), len(c)) < stats.MIN_REPEATS:
@@ -262,35 +319,49 @@ def compare(
             )
         for metric in METRICS:
             bv, cv = _values(b, metric.column), _values(c, metric.column)
-            pending.append((level, metric, bv, cv, _test(level, metric, bv, cv, warnings)))
-        result.memory += _memory(level, b, c)
-        _quantiles(result, level, _level_requests(base.requests, b),
-                   _level_requests(cand.requests, c))  # fmt: skip
+            pending.append((level, metric, bv, cv, _test(level.name, metric, bv, cv, warnings)))
+        memory = _memory(level, b, c, warnings)
+        if memory is not None:
+            result.memory.append(memory)
+        _quantiles(result, level, level_requests(base.requests, b),
+                   level_requests(cand.requests, c))  # fmt: skip
     # Load time: one value per server start, not per level.
     bv = _values(base.runs.drop_duplicates("run_id"), LOAD_TIME.column)
     cv = _values(cand.runs.drop_duplicates("run_id"), LOAD_TIME.column)
     if bv and cv:
-        pending.append((SERVER_START, LOAD_TIME, bv, cv,
-                        _test(SERVER_START, LOAD_TIME, bv, cv, warnings)))  # fmt: skip
+        load_test = _test("server start", LOAD_TIME, bv, cv, warnings)
+        pending.append((None, LOAD_TIME, bv, cv, load_test))
     p_values = [
         t.p_welch if t is not None else math.nan for _, _, _, _, t in pending
     ]  # holm passes nan through
     adjusted = stats.holm(p_values)
-    for (level, metric, bv, cv, test), p_adj in zip(pending, adjusted, strict=True):
+    for (at, metric, bv, cv, test), p_adj in zip(pending, adjusted, strict=True):
         verdict: stats.Verdict = "~"
         if test is not None:
             verdict = stats.verdict(test, p_adj, metric.higher_is_better, threshold, alpha)
             if verdict != "~" and test.p_mannwhitney is not None and test.p_mannwhitney >= alpha:
+                where = "server start" if at is None else at.name
                 warnings.append(
-                    f"{level.name} {metric.label}: Welch's test says {verdict} but Mann-Whitney "
+                    f"{where} {metric.label}: Welch's test says {verdict} but Mann-Whitney "
                     f"does not (p={test.p_mannwhitney:.3f}); outliers may drive it"
                 )
         limit = gate.get(metric.column, threshold)
-        regression = (
-            verdict == "worse" and test is not None and abs(test.ratio - 1.0) > limit
-        )  # fmt: skip
-        result.rows.append(Row(level, metric, bv, cv, _median(bv), _median(cv), test, p_adj,
-                               verdict, limit, regression))  # fmt: skip
+        regression = verdict == "worse" and test is not None and abs(test.ratio - 1.0) > limit
+        result.rows.append(
+            Row(
+                level=at,
+                metric=metric,
+                baseline=bv,
+                candidate=cv,
+                baseline_geomean=_geomean(bv),
+                candidate_geomean=_geomean(cv),
+                test=test,
+                p_adjusted=p_adj,
+                verdict=verdict,
+                gate=limit,
+                regression=regression,
+            )
+        )
     for metric in (*METRICS, LOAD_TIME):
         ratios = [r.test.ratio for r in result.rows if r.metric == metric and r.test is not None]
         if ratios:
@@ -331,6 +402,12 @@ def _quantiles(result: Comparison, level: Level, b_req: pd.DataFrame, c_req: pd.
 
 
 def _warn(result: Comparison, base: Loaded, cand: Loaded) -> None:
+    differ = version_differences(base.versions, cand.versions)
+    if differ:
+        result.warnings.append(
+            "software versions differ (baseline vs candidate), so a change may come from them "
+            "rather than from the build: " + "; ".join(differ)
+        )
     for loaded in (base, cand):
         failed = int((~loaded.requests["ok"]).sum())
         if failed:
@@ -340,7 +417,8 @@ def _warn(result: Comparison, base: Loaded, cand: Loaded) -> None:
             )
     for loaded in (base, cand):
         for level, frame in loaded.levels.items():
-            peaks = _values(frame, "peak_gpu_memory_mib_total") or _values(frame, "peak_rss_mib")
+            measured = run_peaks(frame)
+            peaks = [] if measured is None else measured[1]
             if len(peaks) > 1 and (max(peaks) - min(peaks)) / _median(peaks) > MEMORY_SPREAD:
                 result.warnings.append(
                     f"{loaded.side.label} {level.name}: peak memory differs by more than "
@@ -392,6 +470,8 @@ def _config(argv: Sequence[str]) -> CompareConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from bench.runner import REPO_DIR  # the checkout whose commits the runs record
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
@@ -411,11 +491,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             base_src, cand_src, mode = cfg.baseline, cfg.candidate, "stored baseline"
         base = load_side("baseline", base_src, base_dirs)
         cand = load_side("candidate", cand_src, cand_dirs)
+        base = with_commits_behind(base, cand, REPO_DIR)
         found = mismatches(base, cand)
         if found and not cfg.allow_mismatch:
             raise CompareError(
-                "the builds are not comparable:\n  - " + "\n  - ".join(found) + "\nre-run the "
-                "candidate like the baseline, or pass allow_mismatch=true to compare anyway"
+                "the builds are not comparable:\n  - " + "\n  - ".join(found) + "\ncompare "
+                "builds that ran the same workload and model on one machine (run the candidate "
+                "like the baseline, on the baseline's machine, or record the baseline again on "
+                "this one), or pass allow_mismatch=true to compare anyway (the report then says "
+                "so at its top)"
             )
         result = compare(base, cand, mode, cfg.alpha, cfg.threshold, cfg.gate, found)
     except (CompareError, FileNotFoundError, ValueError) as exc:
@@ -452,8 +536,8 @@ def _print(result: Comparison, console: Console | None = None) -> None:
         arrow = "↑" if row.metric.higher_is_better else "↓"
         style = "red" if row.regression else "green" if row.verdict == "better" else ""
         table.add_row(
-            row.level.name, f"{arrow} {row.metric.label}", f"{row.baseline_median:,.4g}",
-            f"{row.candidate_median:,.4g}", f"{row.delta_pct:+.1f}%{ci}",
+            row.where, f"{arrow} {row.metric.name}", f"{row.baseline_geomean:,.4g}",
+            f"{row.candidate_geomean:,.4g}", f"{row.delta_pct:+.1f}%{ci}",
             "" if math.isnan(row.p_adjusted) else f"{row.p_adjusted:.3g}", row.verdict,
             style=style,
         )  # fmt: skip

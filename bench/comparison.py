@@ -7,19 +7,27 @@ Per-request samples only feed the diagnostic quantile CIs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, cast
 
-import pandas as pd
-
+from bench.levels import Level
 from bench.stats import RatioTest, Verdict
 
 
 @dataclass(frozen=True)
 class Metric:
+    """A per-run value the comparison tests: one value per run (load time: per server start)."""
+
     column: str  # in runs.parquet
-    label: str  # as shown in reports
+    label: str  # "TTFT p99", "out tok/s"
     unit: str
     higher_is_better: bool
+    over: str = "runs"  # what one value belongs to: "runs", or "server starts" for load time
+
+    @property
+    def name(self) -> str:
+        """What a row shows, named apart from the level statistics of bench.levels (a pooled
+        "TTFT p99", a mean "out tok/s"): "TTFT p99 ms (geomean of runs)"."""
+        unit = "" if not self.unit or self.label.endswith(self.unit) else f" {self.unit}"
+        return f"{self.label}{unit} (geomean of {self.over})"
 
 
 @dataclass(frozen=True)
@@ -35,64 +43,36 @@ class Side:
     kernels: str  # what the engine computed with ("attention=cpu-kernel ..."), or ""
     git_commit: str | None
     git_dirty: bool | None
-    hardware_key: str
+    hardware_key: str  # the machine in one line (environment.Machine.key)
     started_at: str  # earliest run start, ISO 8601
-
-
-@dataclass(frozen=True)
-class Level:
-    """A load level present in both builds."""
-
-    scenario: str
-    concurrency: int | None
-    request_rate: float | None
-    input_tokens: int
-    output_tokens: int
-
-    @property
-    def name(self) -> str:
-        if self.concurrency is None and self.request_rate is None:
-            return self.scenario  # not a load level: e.g. "server start" for load time
-        if self.request_rate is None:
-            load = f"c={self.concurrency}"
-        else:
-            load = f"{self.request_rate:g} req/s"
-        return f"{self.scenario} {self.input_tokens}/{self.output_tokens} {load}"
-
-
-def levels_of(runs: pd.DataFrame) -> dict[Level, pd.DataFrame]:
-    """runs.parquet rows grouped by load level: scenario, lengths and load (open loop has no
-    concurrency, or its in-flight cap)."""
-    keys = ["scenario", "concurrency", "request_rate", "input_tokens", "output_tokens"]
-    out = {}
-    for key, frame in runs.groupby(keys, dropna=False, sort=True):
-        scenario, concurrency, rate, inp, outp = cast(tuple[Any, ...], key)
-        level = Level(
-            str(scenario),
-            None if pd.isna(concurrency) else int(concurrency),
-            None if pd.isna(rate) else float(rate),
-            int(inp),
-            int(outp),
-        )
-        out[level] = frame
-    return out
+    # For the baseline: the commits of the candidate's history that this build's commit lacks
+    # (git rev-list --count BASE..CANDIDATE); None where either commit is unknown to git.
+    commits_behind: int | None = None
 
 
 @dataclass(frozen=True)
 class Row:
-    """One metric at one load level: per-run values of both builds, tested."""
+    """One metric at one load level: per-run values of both builds, tested.
 
-    level: Level
+    The values shown are each side's geometric mean, whose ratio is the test's `ratio`: the
+    change shown beside them is always candidate / baseline - 1 of the values shown.
+    """
+
+    level: Level | None  # None: not a load level (load time, one value per server start)
     metric: Metric
     baseline: list[float]  # one value per run
     candidate: list[float]
-    baseline_median: float
-    candidate_median: float
+    baseline_geomean: float  # nan when a side has no value > 0
+    candidate_geomean: float
     test: RatioTest | None  # None when a side has no usable value
     p_adjusted: float  # Holm over every row of the report; nan when untestable
     verdict: Verdict
     gate: float  # regression threshold for this metric (fraction, e.g. 0.05)
     regression: bool  # worse beyond `gate`: fails the comparison
+
+    @property
+    def where(self) -> str:
+        return "server start" if self.level is None else self.level.name
 
     @property
     def delta_pct(self) -> float:
@@ -116,11 +96,11 @@ class QuantileRow:
 
 @dataclass(frozen=True)
 class MemoryRow:
-    """Peak memory per GPU (or peak RSS on CPU), compared exactly with a tolerance."""
+    """A level's peak memory (bench.levels.peak_memory), compared exactly with a tolerance."""
 
     level: Level
-    device: str  # "gpu0", "gpu1", ..., or "rss"
-    baseline_mib: float  # median over runs
+    kind: str  # "GPU" (the total of every GPU) or "RSS" (the server's, on CPU)
+    baseline_mib: float  # the maximum over runs
     candidate_mib: float
     delta_pct: float
     verdict: Verdict  # beyond the tolerance: better (less) or worse (more); else ~

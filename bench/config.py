@@ -83,12 +83,12 @@ class LoadLevel:
 
     @property
     def label(self) -> str:
-        if self.request_rate is None:
-            load = f"c={self.concurrency}"
-        else:  # open loop, with its cap on requests in flight where one is set
-            cap = f" ≤{self.concurrency}" if self.concurrency else ""
-            load = f"{self.request_rate:g}/s{cap}"
-        return f"{self.input_tokens}/{self.output_tokens} {load}"
+        """As every output names the level: "64/128 c=8", "64/128 2/s ≤8"."""
+        # Imported here: bench.levels reads results with pandas and imports bench.metrics,
+        # which imports this module.
+        from bench.levels import label
+
+        return label(self.input_tokens, self.output_tokens, self.concurrency, self.request_rate)
 
 
 @dataclass(frozen=True)

@@ -8,16 +8,19 @@ nothing leaks and no display backend is touched.
 Conventions shared by every figure:
 - a build keeps one colour everywhere (its index in `builds`: blue, then orange, ...);
 - latencies are in ms, drawn from successful requests only; failures are counted in the legend;
-- a load level is (scenario, concurrency, request rate), so levels line up across builds even
-  when their level indices differ, and scenarios concatenated into one build are never pooled.
+- a load level is bench.levels' `Level` (scenario, lengths, load), so levels line up across
+  builds even when their level indices differ, and scenarios concatenated into one build are
+  never pooled; a figure shows a level's statistics under the names and with the values the
+  tables give them (bench/levels.py).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +30,18 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+from bench.levels import (
+    REQUEST_COLUMNS,
+    RUN_COLUMNS,
+    Level,
+    LevelStats,
+    PeakMemory,
+    level_requests,
+    level_stats,
+    levels_of,
+)
+from bench.levels import peak_memory as level_peak_memory
 
 Floats = npt.NDArray[np.float64]
 
@@ -44,25 +59,8 @@ METRICS = {
     "ttft_from_scheduled_ms": "TTFT from intended send",
     "e2e_from_scheduled_ms": "E2E from intended send",
 }
-_REQUEST_COLUMNS = (
-    "run_id", "level", "scenario", "concurrency", "request_rate", "ok", "ttft_ms", "e2e_ms",
-    "itl_ms",
-)  # fmt: skip
-_RUN_COLUMNS = (
-    "run_id",
-    "level",
-    "input_tokens",
-    "output_tokens",
-    "scenario",
-    "repeat",
-    "concurrency",
-    "request_rate",
-    "output_throughput",
-    "ttft_ms_p50",
-    "ttft_ms_p99",
-    "peak_gpu_memory_mib",
-    "peak_rss_mib",
-)
+# What the figures read: a level's statistics, and each run's own TTFT percentiles.
+_RUN_COLUMNS = (*RUN_COLUMNS, "ttft_ms_p50", "ttft_ms_p99")
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing DataFrames has no single truth value
@@ -74,7 +72,7 @@ class Build:
     def __post_init__(self) -> None:
         for name, frame, needed in (
             ("runs", self.runs, _RUN_COLUMNS),
-            ("requests", self.requests, _REQUEST_COLUMNS),
+            ("requests", self.requests, REQUEST_COLUMNS),
         ):
             missing = [c for c in needed if c not in frame.columns]
             if len(frame) and missing:
@@ -92,86 +90,36 @@ def colour(index: int) -> str:
 # ---- load levels -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Load:
-    scenario: str
-    concurrency: int | None  # closed loop: users; open loop: in-flight cap
-    request_rate: float | None  # None = closed loop
-    lengths: tuple[int, int]  # the level's input and output tokens (a sweep over lengths)
-
-    def sort_key(self) -> tuple[str, int, float, float, tuple[int, int]]:
-        return (
-            self.scenario,
-            0 if self.request_rate is None else 1,
-            self.request_rate or 0.0,
-            float(self.concurrency or 0),
-            self.lengths,
-        )
-
-    def title(self, with_scenario: bool, with_lengths: bool, sep: str = " · ") -> str:
-        if self.request_rate is None:
-            load = f"c={self.concurrency}"
-        else:
-            cap = f" (≤{self.concurrency})" if self.concurrency is not None else ""
-            load = f"{self.request_rate:g} req/s{cap}"
-        if with_lengths:
-            load = f"{self.lengths[0]}/{self.lengths[1]} {load}"
-        return f"{self.scenario}{sep}{load}" if with_scenario else load
+def _by_level(build: Build) -> dict[Level, pd.DataFrame]:
+    """A build's requests split by load level: those of the level's runs (bench.levels)."""
+    return {lv: level_requests(build.requests, runs) for lv, runs in levels_of(build.runs).items()}
 
 
-def _null(value: Any) -> bool:
-    return value is None or bool(pd.isna(value))
-
-
-def _by_load(build: Build) -> dict[_Load, pd.DataFrame]:
-    """A build's requests split by load level. They join their runs on (run_id, level) for the
-    level's lengths: a request's own vary around them (range_ratio), and one scenario may sweep
-    lengths at a single load. Nulls are keys too: open loop has no concurrency."""
-    if build.requests.empty:
-        return {}
-    lengths = build.runs[["run_id", "level", "input_tokens", "output_tokens"]]
-    lengths = lengths.drop_duplicates(["run_id", "level"]).rename(
-        columns={"input_tokens": "level_input", "output_tokens": "level_output"}
-    )
-    frame = build.requests.merge(lengths, on=["run_id", "level"], how="left")
-    out: dict[_Load, pd.DataFrame] = {}
-    keys = ["scenario", "concurrency", "request_rate", "level_input", "level_output"]
-    for key, rows in frame.groupby(keys, dropna=False, sort=False):
-        scenario, conc, rate, n_in, n_out = cast(tuple[Any, ...], key)
-        load = _Load(
-            str(scenario),
-            None if _null(conc) else int(conc),
-            None if _null(rate) else float(rate),
-            (0 if _null(n_in) else int(n_in), 0 if _null(n_out) else int(n_out)),
-        )
-        out[load] = rows
-    return out
-
-
-def _loads(builds: Iterable[Build]) -> list[_Load]:
-    found: set[_Load] = set()
+def _levels(builds: Iterable[Build]) -> list[Level]:
+    found: set[Level] = set()
     for build in builds:
-        found.update(_by_load(build))
-    return sorted(found, key=_Load.sort_key)
+        found.update(levels_of(build.runs))
+    return sorted(found, key=Level.sort_key)
 
 
-def _titles(loads: Sequence[_Load]) -> tuple[bool, bool]:
+def _titles(levels: Sequence[Level]) -> tuple[bool, bool]:
     """Whether titles must name the scenario (several) and the lengths (a sweep over them)."""
-    scenarios = {load.scenario for load in loads}
-    lengths = len({(load.scenario, load.lengths) for load in loads}) > len(scenarios)
-    return len(scenarios) > 1, lengths
+    scenarios = {lv.scenario for lv in levels}
+    shapes = {(lv.scenario, lv.input_tokens, lv.output_tokens) for lv in levels}
+    return len(scenarios) > 1, len(shapes) > len(scenarios)
 
 
-def _x_of(runs: pd.DataFrame) -> pd.Series[float]:
-    """The load axis: request rate for open-loop rows, concurrency for closed-loop ones."""
-    return runs["request_rate"].astype(float).fillna(runs["concurrency"].astype(float))
+def _title(level: Level, with_scenario: bool, with_lengths: bool, sep: str = " · ") -> str:
+    """The level's load ("c=8"), with its lengths and scenario where others differ in them."""
+    text = level.label if with_lengths else level.load
+    return f"{level.scenario}{sep}{text}" if with_scenario else text
 
 
 def _x_label(builds: Sequence[Build]) -> tuple[str, bool]:
     """(axis label, whether the axis is concurrency)."""
-    rates = [b.runs["request_rate"].notna() for b in builds if not b.runs.empty]
-    open_loop = any(bool(r.any()) for r in rates)
-    closed_loop = any(not bool(r.all()) for r in rates)
+    levels = _levels(builds)
+    open_loop = any(lv.request_rate is not None for lv in levels)
+    closed_loop = any(lv.request_rate is None for lv in levels)
     if open_loop and closed_loop:
         return "concurrency (users) or request rate (req/s)", False
     if open_loop:
@@ -299,17 +247,18 @@ def _latency_cdf_figure(builds: Sequence[Build], metric: str) -> Figure:
     if metric not in METRICS:
         raise ValueError(f"unknown latency metric {metric!r}; expected one of {list(METRICS)}")
     name = METRICS[metric]
-    loads = _loads(builds)
+    levels = _levels(builds)
     fig = _figure(3.2)
-    if not loads:
+    if not levels:
         _note(fig.subplots(), "no requests recorded")
         return fig
-    scenarios, lengths = _titles(loads)
-    axes = _grid(fig, len(loads))
+    scenarios, lengths = _titles(levels)
+    axes = _grid(fig, len(levels))
+    by_level = [_by_level(b) for b in builds]
     drawn: list[float] = []
-    for ax, load in zip(axes, loads, strict=True):
+    for ax, level in zip(axes, levels, strict=True):
         for i, b in enumerate(builds):
-            rows = _by_load(b).get(load)
+            rows = by_level[i].get(level)
             values = _values(rows, metric) if rows is not None else np.empty(0)
             if len(values) == 0:
                 continue
@@ -318,7 +267,7 @@ def _latency_cdf_figure(builds: Sequence[Build], metric: str) -> Figure:
             drawn.extend((float(x.min()), float(x.max())))
         if not ax.lines:
             _note(ax, "no successful requests")
-        ax.set_title(load.title(scenarios, lengths), fontsize=10)
+        ax.set_title(_title(level, scenarios, lengths), fontsize=10)
         ax.grid(alpha=0.3)
         ax.set_ylim(0, 1.02)
     if _spans(drawn):
@@ -342,24 +291,38 @@ def latency_cdf(builds: Sequence[Build], metric: str, path: Path) -> Path:
 # ---- TTFT and throughput against load ----------------------------------------------------
 
 
-def _over_repeats(runs: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Per load value x: the median over repeats and their min and max (columns x, mid, lo, hi).
+def _latency_points(
+    sweep: Sequence[LevelStats], runs: dict[Level, pd.DataFrame], q: str
+) -> pd.DataFrame:
+    """TTFT at percentile `q` ("p50", "p99") per level of a sweep (columns x, mid, lo, hi): the
+    level's own, every request pooled, with the range of the runs' own as its bar."""
+    rows = []
+    for s in sweep:
+        mid = getattr(s.ttft_ms, q)
+        per_run = runs[s.level][f"ttft_ms_{q}"].astype(float).dropna()
+        if mid is not None:
+            lo = min(mid, per_run.min()) if len(per_run) else mid
+            hi = max(mid, per_run.max()) if len(per_run) else mid
+            rows.append({"x": s.level.x, "mid": mid, "lo": lo, "hi": hi})
+    return pd.DataFrame(rows, columns=["x", "mid", "lo", "hi"])
 
-    Each repeat is one independent measurement of the level, so the spread of repeats is what
-    the error bar shows; latency percentiles are never pooled here.
-    """
-    frame = pd.DataFrame({"x": _x_of(runs), "v": runs[column].astype(float)}).dropna()
-    grouped = frame.groupby("x")["v"]
-    return pd.DataFrame(
-        {"mid": grouped.median(), "lo": grouped.min(), "hi": grouped.max()}
-    ).reset_index()
+
+def _throughput_points(sweep: Sequence[LevelStats]) -> pd.DataFrame:
+    """out tok/s per level of a sweep (columns x, mid, lo, hi): the mean over repeats ± sd."""
+    rows = [
+        {"x": s.level.x, "mid": t.mean, "lo": t.mean - t.sd, "hi": t.mean + t.sd}
+        for s in sweep
+        if math.isfinite((t := s.output_throughput).mean)
+    ]
+    return pd.DataFrame(rows, columns=["x", "mid", "lo", "hi"])
 
 
 def _errorbar(
     ax: Axes, points: pd.DataFrame, colour_: str, style: str, marker: str, dodge: float
 ) -> None:
-    """Median with min-max bars. x is scaled by 2**dodge (a fraction of a log2 step) so that
-    two builds' bars at one load stand apart; the tick stays at the measured load."""
+    """Points `mid` with bars from `lo` to `hi`. x is scaled by 2**dodge (a fraction of a log2
+    step) so that two builds' bars at one load stand apart; the tick stays at the measured
+    load."""
     if points.empty:
         return
     mid = points["mid"].to_numpy(dtype=np.float64)
@@ -391,25 +354,25 @@ def _vs_concurrency_figure(builds: Sequence[Build]) -> Figure:
     fig = _figure(3.4)
     ax_ttft, ax_tput = fig.subplots(1, 2, sharex=True)
     x_label, concurrency = _x_label(builds)
-    scenarios = sorted({str(s) for b in builds for s in b.runs.get("scenario", [])})
+    scenarios = sorted({lv.scenario for lv in _levels(builds)})
     markers = {s: _MARKERS[i % len(_MARKERS)] for i, s in enumerate(scenarios)}
     xs: set[float] = set()
     ttft_values: list[float] = []
     for i, b in enumerate(builds):
-        if b.runs.empty:
-            continue
         dodge = (i - (len(builds) - 1) / 2) * 0.05
-        # One series per scenario and lengths: a lengths sweep at one load is never pooled.
-        keys = ["scenario", "input_tokens", "output_tokens"]
-        for (scenario, _, _), runs in b.runs.groupby(keys, sort=True):
-            marker = markers[str(scenario)]
-            for column, style in (("ttft_ms_p50", "-"), ("ttft_ms_p99", "--")):
-                points = _over_repeats(runs, column)
+        runs = levels_of(b.runs)
+        # One series per sweep: a lengths sweep at one load is never pooled.
+        sweeps: dict[tuple[str, int, int, bool], list[LevelStats]] = {}
+        for s in level_stats(b.runs, b.requests):
+            sweeps.setdefault(s.level.sweep, []).append(s)
+        for sweep in sweeps.values():
+            marker = markers[sweep[0].level.scenario]
+            for q, style in (("p50", "-"), ("p99", "--")):
+                points = _latency_points(sweep, runs, q)
                 _errorbar(ax_ttft, points, colour(i), style, marker, dodge)
                 ttft_values.extend(points["lo"].tolist() + points["hi"].tolist())
-            points = _over_repeats(runs, "output_throughput")
-            _errorbar(ax_tput, points, colour(i), "-", marker, dodge)
-            xs.update(float(x) for x in _x_of(runs).dropna())
+            _errorbar(ax_tput, _throughput_points(sweep), colour(i), "-", marker, dodge)
+            xs.update(s.level.x for s in sweep)
     if not xs:
         for ax in (ax_ttft, ax_tput):
             _note(ax, "no runs recorded")
@@ -433,7 +396,10 @@ def _vs_concurrency_figure(builds: Sequence[Build]) -> Figure:
         handles += [Line2D([], [], color="0.3", ls="", marker=markers[s]) for s in scenarios]
         labels += scenarios
     _legend(fig, handles, labels)
-    fig.suptitle("median over repeats, bars min–max", fontsize=10)
+    fig.suptitle(
+        "TTFT of every request, bars: the runs' own range · out tok/s: mean of repeats ± sd",
+        fontsize=10,
+    )
     return fig
 
 
@@ -445,62 +411,57 @@ def vs_concurrency(builds: Sequence[Build], path: Path) -> Path:
 # ---- peak memory -------------------------------------------------------------------------
 
 
-def _peak_gpu(runs: pd.DataFrame) -> Floats:
-    """Peak used memory per GPU index over every level and repeat (empty without NVML)."""
-    lists = [np.asarray(v, dtype=np.float64) for v in runs.get("peak_gpu_memory_mib", [])]
-    lists = [v for v in lists if v.size]
-    if not lists:
-        return np.empty(0)
-    width = max(len(v) for v in lists)
-    padded = np.full((len(lists), width), np.nan)
-    for row, v in zip(padded, lists, strict=True):
-        row[: len(v)] = v
-    return np.asarray(np.nanmax(padded, axis=0), dtype=np.float64)
+_MEMORY_KINDS = {"GPU": "GPU total (NVML)", "RSS": "server RSS"}
 
 
-def _peak_rss(runs: pd.DataFrame) -> float | None:
-    values = runs["peak_rss_mib"].dropna() if "peak_rss_mib" in runs else pd.Series([])
-    return float(values.max()) if len(values) else None
+def peak_memory_bars(builds: Sequence[Build]) -> tuple[list[Level], list[list[PeakMemory | None]]]:
+    """What the peak-memory figure draws: every level, and per build each level's "peak MiB"
+    as every table shows it (bench.levels.peak_memory); None where a build lacks the level
+    or measured no memory."""
+    levels = _levels(builds)
+    per_build = [levels_of(b.runs) for b in builds]
+    return levels, [
+        [level_peak_memory(runs[lv]) if lv in runs else None for lv in levels] for runs in per_build
+    ]
 
 
 def _peak_memory_figure(builds: Sequence[Build]) -> Figure:
     _check(builds)
     fig = _figure(3.0)
     ax = fig.subplots()
-    gpu = [_peak_gpu(b.runs) for b in builds]
-    if any(v.size for v in gpu):
-        # GPU memory when any build has it: RSS of a CPU server would not compare with it.
-        ngpu = max(v.size for v in gpu)
-        groups = [f"GPU {g}" for g in range(ngpu)]
-        table = [[float(v[g]) if g < v.size else np.nan for g in range(ngpu)] for v in gpu]
-    else:
-        groups = ["peak RSS (CPU)"]
-        table = [[np.nan if (rss := _peak_rss(b.runs)) is None else rss] for b in builds]
-    if all(np.isnan(v) for row in table for v in row):
+    levels, peaks = peak_memory_bars(builds)
+    kinds = sorted({p.kind for row in peaks for p in row if p is not None})
+    if not kinds:
         ax.set_axis_off()
         _note(ax, "no memory figures recorded")
         ax.set_title("peak memory", fontsize=10)
         return fig
     # Bars no wider than a quarter of a group, so one group of two bars does not fill the page.
     width = min(0.8 / len(builds), 0.25)
-    for i, (b, row) in enumerate(zip(builds, table, strict=True)):
-        offsets = np.arange(len(groups)) + (i - (len(builds) - 1) / 2) * width
-        bars = ax.bar(offsets, row, width * 0.9, color=colour(i), label=b.label)
-        ax.bar_label(bars, fmt="{:,.0f}", fontsize=9, padding=2)
-    ax.set_xticks(np.arange(len(groups)), groups)
-    ax.set_xlim(-0.5, len(groups) - 0.5)
+    for i, (b, row) in enumerate(zip(builds, peaks, strict=True)):
+        offsets = np.arange(len(levels)) + (i - (len(builds) - 1) / 2) * width
+        heights = [math.nan if p is None else p.mib for p in row]
+        bars = ax.bar(offsets, heights, width * 0.9, color=colour(i), label=b.label)
+        texts = ["" if p is None else f"{p.mib:,.0f}" for p in row]
+        ax.bar_label(bars, labels=texts, fontsize=9, padding=2)
+    scenarios, lengths = _titles(levels)
+    ax.set_xticks(np.arange(len(levels)), [_title(lv, scenarios, lengths, "\n") for lv in levels])
+    ax.set_xlim(-0.5, len(levels) - 0.5)
+    ax.set_xlabel("load level")
     ax.set_ylabel("peak memory (MiB)")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
     ax.margins(y=0.12)  # room for the value labels above the bars
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title("peak memory (max over all levels and repeats)", fontsize=10)
+    what = " or ".join(_MEMORY_KINDS[k] for k in kinds)
+    ax.set_title(f"peak memory per level: the maximum over repeats of the {what}", fontsize=10)
     handles = [Patch(facecolor=colour(i)) for i in range(len(builds))]
     _legend(fig, handles, [b.label for b in builds])
     return fig
 
 
 def peak_memory(builds: Sequence[Build], path: Path) -> Path:
-    """Grouped bars of peak memory per GPU per build; peak RSS when no GPU was measured."""
+    """Grouped bars of each level's peak memory per build: the GPU total, else the server's
+    RSS, as the tables show it."""
     return _save(_peak_memory_figure(builds), path)
 
 
@@ -525,14 +486,15 @@ def _box_stats(values: Floats, label: str) -> dict[str, Any]:
 
 def _itl_figure(builds: Sequence[Build]) -> Figure:
     _check(builds)
-    loads = _loads(builds)
-    scenarios, lengths = _titles(loads)
+    levels = _levels(builds)
+    scenarios, lengths = _titles(levels)
     fig = _figure(3.4)
     ax = fig.subplots()
-    stats: list[tuple[int, int, dict[str, Any]]] = []  # (load index, build index, stats)
-    for j, load in enumerate(loads):
+    by_level = [_by_level(b) for b in builds]
+    stats: list[tuple[int, int, dict[str, Any]]] = []  # (level index, build index, stats)
+    for j, level in enumerate(levels):
         for i, b in enumerate(builds):
-            rows = _by_load(b).get(load)
+            rows = by_level[i].get(level)
             values = _itl(rows) if rows is not None else np.empty(0)
             if values.size:
                 stats.append((j, i, _box_stats(values, b.label)))
@@ -563,8 +525,8 @@ def _itl_figure(builds: Sequence[Build]) -> Figure:
             capprops={"color": c, "lw": 1.5},
         )
     # Scenario and load on two lines: side by side they run into the next level's label.
-    ax.set_xticks(np.arange(len(loads)), [load.title(scenarios, lengths, "\n") for load in loads])
-    ax.set_xlim(-0.6, len(loads) - 0.4)
+    ax.set_xticks(np.arange(len(levels)), [_title(lv, scenarios, lengths, "\n") for lv in levels])
+    ax.set_xlim(-0.6, len(levels) - 0.4)
     ax.set_xlabel("load level")
     ax.set_ylabel("ITL (ms)" + (", log scale" if log else ""))
     ax.grid(axis="y", alpha=0.3)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 import re
 import sys
@@ -25,8 +26,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bench import store
-from bench.comparison import Comparison, Level, Metric, Row, Side, levels_of
+from bench.comparison import Comparison, Metric, Row, Side
+from bench.environment import versions
 from bench.figures import Build, all_figures
+from bench.levels import LevelStats, level_stats
 from bench.stats import MIN_REPEATS, Verdict, min_samples_for_quantile
 
 # ---- blocks ------------------------------------------------------------------------------
@@ -258,10 +261,9 @@ def verdict_rule(c: Comparison) -> str:
 
 
 def _metric(m: Metric) -> str:
-    """The metric with the direction that is better: "↑ out tok/s", "↓ TTFT p99 ms"."""
+    """The metric with the direction that is better: "↓ TTFT p99 ms (geomean of runs)"."""
     arrow = "↑" if m.higher_is_better else "↓"
-    unit = "" if not m.unit or m.label.endswith(m.unit) else f" {m.unit}"
-    return f"{arrow} {m.label}{unit}"
+    return f"{arrow} {m.name}"
 
 
 _FIGURE_TITLES = {
@@ -316,8 +318,21 @@ def _commit(side: Side) -> str:
     return side.git_commit[:12] + (" (dirty)" if side.git_dirty else "")
 
 
+def _earlier(baseline: Side, candidate: Side) -> str:
+    """How long before the candidate the baseline started, " (12 days earlier)", or ""."""
+    try:
+        gap = pd.Timestamp(candidate.started_at) - pd.Timestamp(baseline.started_at)
+    except (ValueError, TypeError):  # not times, or one without a zone
+        return ""
+    days, hours = gap.days, int(gap.total_seconds() // 3600)
+    if days >= 1:
+        return f" ({days} day{'s' * (days != 1)} earlier)"
+    return f" ({hours} hour{'s' * (hours != 1)} earlier)" if hours >= 1 else ""
+
+
 def _sides_table(c: Comparison) -> Table:
     b, k = c.baseline, c.candidate
+    behind = "unknown" if b.commits_behind is None else f"{b.commits_behind:,}"
     rows = [
         ["source", b.source, k.source],
         ["model", b.model, k.model],
@@ -325,8 +340,9 @@ def _sides_table(c: Comparison) -> Table:
         ["engine knobs", b.engine or "defaults", k.engine or "defaults"],
         ["kernels", b.kernels or "not reported", k.kernels or "not reported"],
         ["git commit", _commit(b), _commit(k)],
-        ["hardware", b.hardware_key, k.hardware_key],
-        ["started", _time(b.started_at), _time(k.started_at)],
+        ["commits behind the candidate", behind, "–"],
+        ["machine", b.hardware_key, k.hardware_key],
+        ["started", _time(b.started_at) + _earlier(b, k), _time(k.started_at)],
         ["run directories", str(len(b.run_dirs)), str(len(k.run_dirs))],
     ]
     return Table(["", b.label, k.label], rows, text_columns=3)
@@ -335,8 +351,8 @@ def _sides_table(c: Comparison) -> Table:
 def _row_cells(r: Row) -> list[str]:
     t = r.test
     delta = "–" if t is None else _pct(t.ratio, t.ci_low, t.ci_high)
-    medians = [_num(r.baseline_median), _num(r.candidate_median)]
-    return [r.level.name, _metric(r.metric), *medians, delta]
+    geomeans = [_num(r.baseline_geomean), _num(r.candidate_geomean)]
+    return [r.where, _metric(r.metric), *geomeans, delta]
 
 
 def _compact_table(c: Comparison) -> Table:
@@ -367,6 +383,7 @@ def _quantile_table(c: Comparison) -> Table:
     header = ["level", "metric", c.baseline.label, c.candidate.label, "Δ [CI]", "samples"]
     cells = []
     for q in c.quantiles:
+        # The level statistic (bench/levels.py): the console's and bench.report's number.
         name = f"↓ {_QUANTILE_NAMES.get(q.column, q.column)} p{q.q * 100:g} ms"
         samples = f"{q.samples[0]:,}/{q.samples[1]:,}"
         if min(q.samples) < min_samples_for_quantile(q.q):
@@ -377,12 +394,13 @@ def _quantile_table(c: Comparison) -> Table:
 
 
 def _memory_table(c: Comparison) -> Table:
-    header = ["level", "device", f"{c.baseline.label} MiB", f"{c.candidate.label} MiB", "Δ"]
+    b, k = c.baseline.label, c.candidate.label
+    header = ["level", "memory", f"{b} peak MiB", f"{k} peak MiB", "Δ", "verdict"]
     cells = []
     for m in c.memory:
-        values = [_num(m.baseline_mib), _num(m.candidate_mib), f"{m.delta_pct:+.1f}%"]
-        cells.append([m.level.name, m.device, *values, _VERDICT[m.verdict]])
-    return Table([*header, "verdict"], cells)
+        values = [_num(m.baseline_mib), _num(m.candidate_mib), _pct(1.0 + m.delta_pct / 100.0)]
+        cells.append([m.level.name, m.kind, *values, _VERDICT[m.verdict]])
+    return Table(header, cells)
 
 
 def _geomean_table(c: Comparison) -> Table:
@@ -426,9 +444,9 @@ def _comparison_blocks(c: Comparison, figures: dict[str, Path], out_dir: Path) -
         Heading("Changes, and throughput and TTFT at every level"),
         _compact_table(c),
         Para(
-            "Values are medians over runs; Δ is the ratio of geometric means as a change, with "
-            "its confidence interval; p is adjusted for the number of comparisons. "
-            f"{verdict_rule(c)}.",
+            "Values are geometric means of the runs' own values (load time: of the server "
+            "starts); Δ is their ratio as a change, with its confidence interval; p is adjusted "
+            f"for the number of comparisons. {verdict_rule(c)}.",
             small=True,
         ),
     ]
@@ -437,7 +455,8 @@ def _comparison_blocks(c: Comparison, figures: dict[str, Path], out_dir: Path) -
     blocks.append(Details(f"All {len(c.rows)} comparisons", [_full_table(c)]))
     if c.quantiles:
         note = Para(
-            "Per-request quantiles pooled over runs, with hierarchical bootstrap intervals "
+            "Per-request quantiles: every successful request of every run of the level pooled, "
+            "as the console and bench.report show them, with hierarchical bootstrap intervals "
             "(runs, then requests). Diagnostics, not tests: they give no verdict.",
             small=True,
         )
@@ -445,7 +464,13 @@ def _comparison_blocks(c: Comparison, figures: dict[str, Path], out_dir: Path) -
             Details(f"Per-request quantiles ({len(c.quantiles)})", [note, _quantile_table(c)])
         )
     if c.memory:
-        blocks.append(Details(f"Peak memory ({len(c.memory)})", [_memory_table(c)]))
+        note = Para(
+            "Peak MiB as the console and bench.report show it: the maximum over the level's runs "
+            "of the GPU total (NVML), else of the server's RSS. Compared exactly, with a small "
+            "tolerance for allocator noise.",
+            small=True,
+        )
+        blocks.append(Details(f"Peak memory ({len(c.memory)})", [note, _memory_table(c)]))
     blocks += _figure_blocks(figures, out_dir)
     if c.warnings:
         blocks += [Heading("Warnings"), Bullets(c.warnings)]
@@ -474,111 +499,45 @@ class ReportError(ValueError):
     """Bad input to the report: says what was wrong and what to pass instead."""
 
 
-@dataclass(frozen=True)
-class LevelSummary:
-    """One load level of one build: medians over its repeats (the runs)."""
-
-    level: Level
-    repeats: int
-    output_throughput: float
-    ttft_p50: float
-    ttft_p99: float
-    tpot_p50: float
-    itl_p50: float
-    e2e_p50: float
-    success_rate: float  # completed / sent over every repeat
-    failed: int
-    peak_mib: float  # max over repeats; GPU total when measured, else the server's RSS
-    memory_kind: str  # "GPU", "RSS" or ""
-    client_bound: int  # repeats whose client event loop lagged
-    partial: int  # repeats that stopped early
-
-
 def _none_if_nan(value: Any) -> Any:
     return None if value is None or bool(pd.isna(value)) else value
 
 
-def _load_value(level: Level) -> float:
-    """The load axis: request rate in open loop, concurrency in closed loop."""
-    return level.request_rate if level.request_rate is not None else float(level.concurrency or 0)
+def _ttft_p99(s: LevelStats) -> float:
+    """The level's TTFT p99 (pooled); infinite without a successful request."""
+    return math.inf if s.ttft_ms.p99 is None else s.ttft_ms.p99
 
 
-def _group(level: Level) -> tuple[str, int, int, bool]:
-    """Levels of one sweep: same scenario and lengths, same kind of load."""
-    return (level.scenario, level.input_tokens, level.output_tokens, level.request_rate is None)
-
-
-def summarize_levels(runs: pd.DataFrame) -> list[LevelSummary]:
-    levels = levels_of(runs)
-    out = []
-    for level in sorted(levels, key=lambda lv: (*_group(lv), _load_value(lv))):
-        rows = levels[level]
-
-        def median(column: str, rows: pd.DataFrame = rows) -> float:
-            return float(rows[column].astype(float).median())  # NaN skipped; all NaN gives NaN
-
-        gpu = rows["peak_gpu_memory_mib_total"].astype(float).max()
-        rss = rows["peak_rss_mib"].astype(float).max()
-        # GPU memory when NVML measured it; on CPU the server's RSS stands in (docs/metrics.md).
-        peak, kind = (gpu, "GPU") if pd.notna(gpu) else (rss, "RSS" if pd.notna(rss) else "")
-        sent = int(rows["sent"].sum())
-        out.append(
-            LevelSummary(
-                level=level,
-                repeats=len(rows),
-                output_throughput=median("output_throughput"),
-                ttft_p50=median("ttft_ms_p50"),
-                ttft_p99=median("ttft_ms_p99"),
-                tpot_p50=median("tpot_ms_p50"),
-                itl_p50=median("itl_ms_p50"),
-                e2e_p50=median("e2e_ms_p50"),
-                success_rate=int(rows["completed"].sum()) / sent if sent else math.nan,
-                failed=int(rows["failed"].sum()),
-                peak_mib=float(peak),
-                memory_kind=kind,
-                client_bound=int(rows["client_bound"].astype(bool).sum()),
-                partial=int((rows["status"] != "complete").sum()),
-            )
-        )
-    return out
-
-
-def _load_text(level: Level) -> str:
-    if level.request_rate is not None:
-        return f"{level.request_rate:g} req/s"
-    users = level.concurrency or 0
-    return f"{users} concurrent user{'s' * (users != 1)}"
-
-
-def capacity(summaries: Sequence[LevelSummary], slo_ttft_ms: float) -> list[str]:
-    """Per sweep: the highest load level whose TTFT p99 (median over repeats) meets the SLO.
+def capacity(stats: Sequence[LevelStats], slo_ttft_ms: float) -> list[str]:
+    """Per sweep: the highest load level whose TTFT p99 (every request of the level) meets
+    the SLO.
 
     A lower level that misses it is named: the sweep is then not monotone (noise, or a level
     that hit a slow path), and the capacity deserves a second look.
     """
-    groups: dict[tuple[str, int, int, bool], list[LevelSummary]] = {}
-    for s in summaries:
-        groups.setdefault(_group(s.level), []).append(s)
+    sweeps: dict[tuple[str, int, int, bool], list[LevelStats]] = {}
+    for s in stats:
+        sweeps.setdefault(s.level.sweep, []).append(s)
     lines = []
-    for (scenario, n_in, n_out, _), sweep in groups.items():
+    for (scenario, n_in, n_out, _), sweep in sweeps.items():
         head = f"Capacity at TTFT p99 ≤ {slo_ttft_ms:g} ms"
-        sweep = sorted(sweep, key=lambda s: _load_value(s.level))
-        meets = [s.ttft_p99 <= slo_ttft_ms for s in sweep]  # NaN (no success) never meets
+        sweep = sorted(sweep, key=lambda s: s.level.x)
+        meets = [_ttft_p99(s) <= slo_ttft_ms for s in sweep]  # no success never meets
         if not any(meets):
-            best = min(sweep, key=lambda s: s.ttft_p99 if math.isfinite(s.ttft_p99) else math.inf)
+            best = min(sweep, key=_ttft_p99)
             lines.append(
                 f"{head} ({scenario} {n_in}/{n_out}): none of the measured levels meets it "
-                f"(lowest TTFT p99: {_num(best.ttft_p99)} ms at {_load_text(best.level)})"
+                f"(lowest TTFT p99: {_num(best.ttft_ms.p99)} ms at {best.level.in_words})"
             )
             continue
         top = max(i for i, ok in enumerate(meets) if ok)
-        line = f"{head}: {_load_text(sweep[top].level)} ({scenario} {n_in}/{n_out})"
+        line = f"{head}: {sweep[top].level.in_words} ({scenario} {n_in}/{n_out})"
         if top == len(sweep) - 1:
             which = "only" if len(sweep) == 1 else "highest"
             line += f"; the {which} level measured, so the capacity may be higher"
         missed = [s.level for s, ok in zip(sweep[:top], meets[:top], strict=True) if not ok]
         if missed:
-            names = ", ".join(_load_text(lv) for lv in missed)
+            names = ", ".join(lv.in_words for lv in missed)
             line += f"; but {names}, below it, miss{'es' * (len(missed) == 1)} it"
         if sweep[top].failed:
             line += f"; {sweep[top].failed} requests failed at that level"
@@ -586,34 +545,41 @@ def capacity(summaries: Sequence[LevelSummary], slo_ttft_ms: float) -> list[str]
     return lines
 
 
-def _summary_table(summaries: Sequence[LevelSummary]) -> Table:
-    header = ["level", "runs", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms"]
+def _summary_table(stats: Sequence[LevelStats]) -> Table:
+    """The level statistics under the names the console uses (bench/levels.py)."""
+    header = ["level", "runs", "out tok/s", "± sd", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms"]
     header += ["ITL p50 ms", "E2E p50 ms", "success", "peak MiB"]
     rows = []
-    for s in summaries:
-        mem = f"{_num(s.peak_mib)} {s.memory_kind}" if s.memory_kind else "–"
+    for s in stats:
+        peak = s.peak_memory
+        mem = "–" if peak is None else f"{_num(peak.mib)} {peak.kind}"
         rate = s.success_rate
         success = "–" if math.isnan(rate) else "100%" if rate == 1.0 else f"{rate:.1%}"
         rows.append(
             [
                 s.level.name,
                 str(s.repeats),
-                _num(s.output_throughput),
-                _num(s.ttft_p50),
-                _num(s.ttft_p99),
-                _num(s.tpot_p50),
-                _num(s.itl_p50),
-                _num(s.e2e_p50),
+                _num(s.output_throughput.mean),
+                _num(s.output_throughput.sd),
+                _num(s.ttft_ms.p50),
+                _num(s.ttft_ms.p99),
+                _num(s.tpot_ms.p50),
+                _num(s.itl_ms.p50),
+                _num(s.e2e_ms.p50),
                 success,
                 mem,
             ]
         )
-    return Table(header, rows, [s.success_rate < 1.0 for s in summaries], text_columns=1)
+    return Table(header, rows, [s.success_rate < 1.0 for s in stats], text_columns=1)
 
 
 def _distinct(runs: pd.DataFrame, column: str) -> str:
     values = [str(v) for v in runs[column].dropna().unique()]
     return ", ".join(values) if values else "unknown"
+
+
+# The versions a one-build report names: those that most often move an engine's speed.
+_SOFTWARE = ("Python", "torch", "transformers", "llm-serving-bench", "GPU driver", "CUDA driver")
 
 
 def _environment(runs: pd.DataFrame, run_ids: Sequence[str]) -> Bullets:
@@ -622,21 +588,24 @@ def _environment(runs: pd.DataFrame, run_ids: Sequence[str]) -> Bullets:
         "unknown" if _none_if_nan(c) is None else str(c)[:12] + (" (dirty)" if d is True else "")
         for c, d in commits.itertuples(index=False)
     )
+    found = versions(*(json.loads(str(e)) for e in runs["environment_json"].dropna().unique()))
+    software = ", ".join(f"{name} {found[name]}" for name in _SOFTWARE if name in found)
     return Bullets(
         [
             f"runs: {', '.join(run_ids)}",
             f"model: {_distinct(runs, 'model')}",
             f"target: {_distinct(runs, 'target_kind')} ({_distinct(runs, 'endpoint')} endpoint)",
-            f"hardware: {_distinct(runs, 'hardware_key')}",
+            f"machine: {_distinct(runs, 'hardware_key')}",
+            f"software: {software or 'unknown'}",
             f"git commit: {commit}",
             f"started: {_time(str(runs['started_at'].min()))}",
         ]
     )
 
 
-def _run_warnings(summaries: Sequence[LevelSummary]) -> list[str]:
+def _run_warnings(stats: Sequence[LevelStats]) -> list[str]:
     out = []
-    for s in summaries:
+    for s in stats:
         name = s.level.name
         if s.partial:
             out.append(f"{name}: {s.partial} of {s.repeats} repeats stopped early (partial)")
@@ -654,33 +623,13 @@ def _run_warnings(summaries: Sequence[LevelSummary]) -> list[str]:
     return out
 
 
-def find_run_dirs(paths: Sequence[Path]) -> list[Path]:
-    """Each path is a run directory (with runs.parquet) or a folder of run directories."""
-    found: list[Path] = []
-    for path in paths:
-        if not path.is_dir():
-            raise ReportError(f"run directory {path} does not exist")
-        if (path / "runs.parquet").is_file():
-            found.append(path)
-            continue
-        inside = sorted(p.parent for p in path.glob("*/runs.parquet"))
-        if not inside:
-            raise ReportError(
-                f"{path} has no runs.parquet, nor has any directory in it: pass a run "
-                "directory written by `python -m bench` (results_dir/<run_id>/) or their parent"
-            )
-        found += inside
-    return found
-
-
 def write_run_report(
     run_dirs: Sequence[Path], out_dir: Path, slo_ttft_ms: float = 2000.0
 ) -> dict[str, Path]:
     """report.md, report.html and the figures of one build (one or more run directories)."""
-    dirs = find_run_dirs([Path(p) for p in run_dirs])
-    loaded = [store.load(d) for d in dirs]
-    runs = pd.concat([s.runs for s in loaded], ignore_index=True)
-    requests = pd.concat([s.requests for s in loaded], ignore_index=True)
+    dirs = store.find_run_dirs([Path(p) for p in run_dirs])
+    loaded = store.load_all(dirs)
+    runs, requests = loaded.runs, loaded.requests
     if runs.empty:
         raise ReportError(f"no runs recorded in {', '.join(map(str, dirs))}")
     run_ids = [d.name for d in dirs]
@@ -689,23 +638,25 @@ def write_run_report(
     label = run_ids[0] if len(run_ids) == 1 else f"{len(run_ids)} runs"
     figures = all_figures([Build(label, runs, requests)], out_dir)
 
-    summaries = summarize_levels(runs)
+    stats = level_stats(runs, requests)
     blocks: list[Block] = [Heading(f"Benchmark report: {label}", 1)]
-    blocks += [Para(line, strong=True) for line in capacity(summaries, slo_ttft_ms)]
+    blocks += [Para(line, strong=True) for line in capacity(stats, slo_ttft_ms)]
     blocks += [
         Heading("Results per load level"),
-        _summary_table(summaries),
+        _summary_table(stats),
         Para(
-            "Medians over repeats of each run's value; success is completed / sent over all "
-            "repeats (rows with failures in bold); peak memory is the maximum over repeats, "
-            "of all GPUs (NVML) or else of the server's process tree (RSS).",
+            "Latency percentiles are over every successful request of the level's repeats, "
+            "pooled (ITL: every token gap); out tok/s is the mean over repeats ± their standard "
+            "deviation; success is completed / sent over all repeats (rows with failures in "
+            "bold); peak memory is the maximum over repeats of the GPU total (NVML), else of "
+            "the server's process tree (RSS).",
             small=True,
         ),
         Heading("Environment"),
         _environment(runs, run_ids),
         *_figure_blocks(figures, out_dir),
     ]
-    warnings = _run_warnings(summaries)
+    warnings = _run_warnings(stats)
     if warnings:
         blocks += [Heading("Warnings"), Bullets(warnings)]
     return _write(f"Benchmark report: {label}", blocks, figures, out_dir)
@@ -769,7 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parse_args(argv)
         if not args.run:
             raise ReportError("no run given: pass run=PATH (see --help)")
-        dirs = find_run_dirs([Path(p) for p in args.run])
+        dirs = store.find_run_dirs([Path(p) for p in args.run])
         out_dir = Path(args.report) if args.report else _default_dir(dirs)
         paths = write_run_report(dirs, out_dir, args.slo.ttft_ms)
     except OmegaConfBaseException as exc:
@@ -780,7 +731,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" (key {key})" if key else ""
         print(f"error: {first}{where}; keys are run, report, slo.ttft_ms", file=sys.stderr)
         return 2
-    except ValueError as exc:  # ReportError, and store.load refusing another schema version
+    # ReportError; store.find_run_dirs finding no runs; store.load refusing another version
+    except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"report: {paths['md']}\n        {paths['html']}")

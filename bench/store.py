@@ -3,11 +3,15 @@
 The store rewrites each file whole after every load level, through a temporary file and an
 atomic rename: at any moment every file on disk is complete and readable, so a crash of the
 server (or of the harness between levels) loses nothing that had finished.
+
+Reading back: `find_run_dirs` finds the run directories under the paths a user gives, `load`
+reads one run and `load_all` several as one build.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,3 +76,39 @@ def load(run_dir: str | Path) -> StoredRun:
             )
         frames[name] = pd.read_parquet(path)
     return StoredRun(**frames)
+
+
+def find_run_dirs(paths: Sequence[Path]) -> list[Path]:
+    """The run directories (those holding runs.parquet) that `paths` name: each path is one,
+    or a folder with run directories somewhere below it (what a multirun, an A/B round or a
+    baseline leaves); hidden folders below it are skipped. Raises FileNotFoundError naming
+    the path that is missing or holds no run."""
+    found: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            raise FileNotFoundError(f"run directory {path} does not exist")
+        if (path / "runs.parquet").is_file():
+            found.append(path)
+            continue
+        inside = sorted(
+            p.parent
+            for p in path.rglob("runs.parquet")
+            if not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not inside:
+            raise FileNotFoundError(
+                f"{path} has no runs.parquet, nor has any directory below it: pass a run "
+                "directory written by `python -m bench` (results_dir/<run_id>/) or a folder of them"
+            )
+        found += inside
+    return found
+
+
+def load_all(run_dirs: Sequence[Path]) -> StoredRun:
+    """Several runs read back as one build: their rows concatenated."""
+    loaded = [load(d) for d in run_dirs]
+    return StoredRun(
+        requests=pd.concat([x.requests for x in loaded], ignore_index=True),
+        runs=pd.concat([x.runs for x in loaded], ignore_index=True),
+        telemetry=pd.concat([x.telemetry for x in loaded], ignore_index=True),
+    )

@@ -1,6 +1,7 @@
 """The table printed at the end of a run: one row per load level, repeats pooled.
 
-Latency percentiles pool every request of every repeat of a level; throughput is the mean and
+Its numbers are each level's statistics as every output shows them (bench/levels.py): latency
+percentiles pool every request of every repeat of a level; throughput is the mean and
 standard deviation over repeats, since each repeat is one independent measurement of it.
 
 Each row is two lines: p50 above p99 for latencies, the mean above its ± sd for throughput,
@@ -10,19 +11,17 @@ which keeps the standard scenarios within 80 columns; a wider table is printed w
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 
-import numpy as np
 from rich import box
 from rich.console import Console, RenderableType
 from rich.measure import Measurement
 from rich.segment import Segments
 from rich.table import Table
 
-from bench.config import LoadLevel, SloConfig
-from bench.metrics import Distribution, summarize
-from bench.records import RequestRecord, RunRecord
+from bench.levels import level_stats
+from bench.metrics import Distribution
+from bench.records import REQUESTS_SCHEMA, RUNS_SCHEMA, RequestRecord, RunRecord, to_table
 
 # Wider than any table: measuring against it gives the table's natural width.
 _UNLIMITED = 10_000
@@ -36,20 +35,12 @@ def _p50_p99(d: Distribution, digits: int) -> str:
     return f"{_fmt(d.p50, digits)}\n{_fmt(d.p99, digits)}"
 
 
-def _level(run: RunRecord) -> LoadLevel:
-    return LoadLevel(
-        index=run.level,
-        input_tokens=run.input_tokens,
-        output_tokens=run.output_tokens,
-        concurrency=run.concurrency,
-        request_rate=run.request_rate,
+def table(runs: Sequence[RunRecord], requests: Sequence[RequestRecord]) -> Table:
+    """A row per level of the run."""
+    stats = level_stats(
+        to_table(list(runs), RUNS_SCHEMA).to_pandas(),
+        to_table(list(requests), REQUESTS_SCHEMA).to_pandas(),
     )
-
-
-def table(runs: Sequence[RunRecord], requests: Sequence[RequestRecord], slo: SloConfig) -> Table:
-    by_level: dict[int, list[RunRecord]] = defaultdict(list)
-    for r in runs:
-        by_level[r.level].append(r)
     scenario = f"{runs[0].scenario}: " if runs else ""
     t = Table(
         title=f"{scenario}latency p50, p99 of all requests · tok/s mean ± sd of repeats",
@@ -64,31 +55,23 @@ def table(runs: Sequence[RunRecord], requests: Sequence[RequestRecord], slo: Slo
     for name in ("TTFT\nms", "ITL\nms", "TPOT\nms", "E2E\nms", "out\ntok/s", "req/s", "peak\nMiB"):
         t.add_column(name, justify="right", no_wrap=True)
     client_bound: list[str] = []
-    for _, level_runs in sorted(by_level.items()):
-        first = level_runs[0]
-        label = _level(first).label
-        reqs = [q for q in requests if q.level == first.level]
-        m = summarize(reqs, sum(r.duration_s for r in level_runs), slo)
-        tps = np.array([r.output_throughput for r in level_runs])
-        rps = np.array([r.request_throughput for r in level_runs])
-        gpu = [r.peak_gpu_memory_mib_total for r in level_runs if r.peak_gpu_memory_mib_total]
-        rss = [r.peak_rss_mib for r in level_runs if r.peak_rss_mib]
-        mem = f"{max(gpu):,.0f} GPU" if gpu else (f"{max(rss):,.0f} RSS" if rss else "-")
-        bound = sum(r.client_bound for r in level_runs)
-        if bound:
-            client_bound.append(f"{label} in {bound} of {len(level_runs)}")
-        sd = tps.std(ddof=1) if len(tps) > 1 else 0.0
+    for s in stats:
+        label = s.level.label
+        peak = s.peak_memory
+        if s.client_bound:
+            client_bound.append(f"{label} in {s.client_bound} of {s.repeats}")
+        tps = s.output_throughput
         t.add_row(
-            label + ("\n[yellow]client-bound[/]" if bound else ""),
-            f"{m.completed}/{m.sent}" + (f"\n[red]{m.failed} failed[/]" if m.failed else ""),
+            label + ("\n[yellow]client-bound[/]" if s.client_bound else ""),
+            f"{s.completed}/{s.sent}" + (f"\n[red]{s.failed} failed[/]" if s.failed else ""),
             "p50\np99",
-            _p50_p99(m.ttft_ms, 1),
-            _p50_p99(m.itl_ms, 2),
-            _p50_p99(m.tpot_ms, 2),
-            _p50_p99(m.e2e_ms, 0),
-            f"{tps.mean():,.1f}\n± {sd:,.1f}",
-            f"{rps.mean():,.2f}",
-            mem,
+            _p50_p99(s.ttft_ms, 1),
+            _p50_p99(s.itl_ms, 2),
+            _p50_p99(s.tpot_ms, 2),
+            _p50_p99(s.e2e_ms, 0),
+            f"{tps.mean:,.1f}\n± {tps.sd:,.1f}",
+            f"{s.request_throughput.mean:,.2f}",
+            "-" if peak is None else f"{peak.mib:,.0f} {peak.kind}",
         )
     if runs:
         run = runs[0]
@@ -109,10 +92,9 @@ def table(runs: Sequence[RunRecord], requests: Sequence[RequestRecord], slo: Slo
 def print_summary(
     runs: Sequence[RunRecord],
     requests: Sequence[RequestRecord],
-    slo: SloConfig,
     console: Console | None = None,
 ) -> None:
-    print_whole(console or Console(), table(runs, requests, slo))
+    print_whole(console or Console(), table(runs, requests))
 
 
 def print_whole(console: Console, renderable: RenderableType) -> None:

@@ -7,11 +7,14 @@ slow; the console table is checked on a synthetic comparison.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,11 +23,14 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from bench import baseline, compare, stats
-from bench.comparison import Comparison, Level, Metric, Row, Side, levels_of
+from bench import baseline, compare, report, stats
+from bench.comparison import Comparison, Metric, Row, Side
 from bench.compose import compose
+from bench.environment import Machine
+from bench.levels import Level, level_requests, levels_of
 from bench.runner import run
 from bench.stats import Verdict
+from bench.store import RunStore
 from tests.synthetic import request_record, run_record
 
 LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
@@ -123,14 +129,21 @@ def test_the_same_build_twice_changes_nothing(real_run: Path, tmp_path: Path) ->
 def test_incomparable_builds_are_refused_unless_allowed(
     real_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    (machine,) = compare.load_side("baseline", "real", [real_run]).machines
+    assert machine is not None
+    cores = machine.cores
+
     def other_work(runs: pd.DataFrame, requests: pd.DataFrame) -> None:
         runs["workload_hash"] = "f" * 64
-        runs["hardware_key"] = "NVIDIA H100 80GB HBM3 x1"
+        env = json.loads(runs["environment_json"].iloc[0])
+        env["machine"]["cores"] = cores * 2  # a machine with twice the CPUs
+        runs["environment_json"] = json.dumps(env)
 
     other = _variant(real_run, tmp_path / "other", other_work)
     assert _main(f"baseline={real_run}", f"candidate={other}") == compare.EXIT_UNUSABLE
     err = capsys.readouterr().err
-    assert "not comparable" in err and "workload of short_qa" in err and "hardware" in err
+    assert "not comparable" in err and "workload of short_qa" in err
+    assert f"machine: cores: {cores} vs {cores * 2} (baseline vs candidate)" in err
     assert "allow_mismatch=true" in err
     assert _main(f"baseline={real_run}", f"candidate={other}", "allow_mismatch=true") == 0
     assert "allow_mismatch=true" in capsys.readouterr().err  # still said, as a warning
@@ -225,7 +238,7 @@ def test_a_levels_requests_are_its_runs_not_its_load() -> None:
     levels = levels_of(runs)
     assert len(levels) == 2
     for level, frame in levels.items():
-        chosen = compare._level_requests(requests, frame)
+        chosen = level_requests(requests, frame)
         assert len(chosen) == 6
         assert set(chosen["input_tokens"]) == {level.input_tokens + i for i in range(3)}
 
@@ -249,12 +262,12 @@ def _side(label: str) -> Side:
 def _row(metric: Metric, baseline: list[float], candidate: list[float], verdict: Verdict) -> Row:
     test = stats.ratio_test(baseline, candidate)
     return Row(
-        level=Level("concurrency", 8, None, 2048, 1024),
+        level=Level("concurrency", 2048, 1024, concurrency=8, request_rate=None),
         metric=metric,
         baseline=baseline,
         candidate=candidate,
-        baseline_median=float(np.median(baseline)),
-        candidate_median=float(np.median(candidate)),
+        baseline_geomean=stats.geomean(baseline),
+        candidate_geomean=stats.geomean(candidate),
         test=test,
         p_adjusted=test.p_welch,
         verdict=verdict,
@@ -291,5 +304,169 @@ def test_the_console_table_says_what_better_worse_and_unchanged_mean() -> None:
 def test_the_console_table_keeps_every_figure_whole_in_80_columns() -> None:
     text = _console_table(alpha=0.05, threshold=0.05, width=80)
     assert "…" not in text
-    figures = ["1.001e+04", "1.235e+04", "1,235", "1,239", "concurrency 2048/1024 c=8", "+23.2%"]
+    figures = ["1.002e+04", "1.235e+04", "1,235", "1,240", "concurrency 2048/1024 c=8", "+23.2%"]
     assert [f for f in figures if f not in text] == []
+
+
+# ---- comparability: one machine, and what the report says about staleness ----------------
+
+AVX2 = Machine(
+    cpu_model="AMD EPYC",
+    isa="avx2",
+    isa_flags=("avx2", "fma", "f16c"),
+    cores=2,
+    memory_gib=7.8,
+    gpus=(),
+    gpu_driver=None,
+    cuda_driver=None,
+)
+AVX512 = dataclasses.replace(AVX2, isa="avx512", isa_flags=("avx2", "fma", "f16c", "avx512f"))
+
+
+def _environment(machine: Machine | None, torch: str = "2.5.1+cpu") -> str:
+    """A run's environment_json; machine=None: one recorded without a machine identity."""
+    env: dict[str, Any] = {"python": "3.12.3", "packages": {"torch": torch, "numpy": "2.1.0"}}
+    if machine is not None:
+        env["machine"] = dataclasses.asdict(machine)
+    return json.dumps(env)
+
+
+def _stored(root: Path, run_id: str, environment: str, speed: float = 1.0, **fields: Any) -> Path:
+    """A run directory of 5 repeats of one level; `speed` scales its throughput."""
+    machine = Machine.of(json.loads(environment))
+    store = RunStore(root, run_id)
+    store.runs = [
+        run_record(
+            run_id=run_id,
+            repeat=r,
+            output_throughput=100.0 * speed * (1 + 0.01 * r),
+            environment_json=environment,
+            hardware_key=machine.key() if machine else "AMD EPYC x2; no GPU",
+            **fields,
+        )
+        for r in range(5)
+    ]
+    store.requests = [
+        request_record(run_id=run_id, repeat=r, index=i) for r in range(5) for i in range(2)
+    ]
+    store.flush()
+    return store.dir
+
+
+def test_a_baseline_from_a_machine_with_another_isa_is_refused_naming_the_difference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = _stored(tmp_path, "base", _environment(AVX2))
+    cand = _stored(tmp_path, "cand", _environment(AVX512), speed=2.0)
+    assert _main(f"baseline={base}", f"candidate={cand}") == compare.EXIT_UNUSABLE
+    err = capsys.readouterr().err
+    assert "machine: CPU ISA: avx2 vs avx512 (baseline vs candidate)" in err
+    assert "allow_mismatch=true" in err
+
+
+def test_a_baseline_recorded_without_a_machine_identity_is_refused_with_how_to_record_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "baselines"
+    baseline.save(_stored(tmp_path, "old", _environment(None)), "main", root)
+    cand = _stored(tmp_path, "cand", _environment(AVX2))
+    code = _main("baseline=main", f"candidate={cand}", f"baselines_dir={root}")
+    assert code == compare.EXIT_UNUSABLE
+    err = capsys.readouterr().err
+    assert "baseline main was recorded without a machine identity" in err
+    assert "record it again on this machine: make baseline / baseline.save=main" in err
+    assert "allow_mismatch=true" in err
+
+
+def test_runs_of_one_side_from_two_machines_are_refused(tmp_path: Path) -> None:
+    dirs = [_stored(tmp_path, n, _environment(m)) for n, m in (("a", AVX2), ("b", AVX512))]
+    base = compare.load_side("baseline", "main", dirs)
+    cand = compare.load_side("candidate", "results/pr", dirs[:1])
+    assert compare.mismatches(base, cand) == [
+        "machine: CPU ISA: avx2 vs avx512 (between the baseline's runs)"
+    ]
+
+
+def test_allow_mismatch_compares_other_machines_and_the_report_says_so_first(
+    tmp_path: Path,
+) -> None:
+    base = _stored(tmp_path, "base", _environment(AVX2))
+    cand = _stored(tmp_path, "cand", _environment(AVX512), speed=2.0)
+    out = tmp_path / "report"
+    args = (f"baseline={base}", f"candidate={cand}", f"report={out}", "allow_mismatch=true")
+    assert _main(*args) == 0
+    md = (out / "report.md").read_text(encoding="utf-8")
+    alert = md.index("> [!WARNING]")
+    assert alert < md.index("\n|")  # before the first table
+    assert "allow_mismatch=true" in md[alert : md.index("\n|")]
+    assert "> - machine: CPU ISA: avx2 vs avx512 (baseline vs candidate)" in md
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=test", "-c", "user.email=test@example.com",
+         "-c", "commit.gpgsign=false", *args],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return done.stdout.strip()
+
+
+def _sides_rows(result: Comparison, tmp_path: Path) -> dict[str, list[str]]:
+    """The report's first table (the sides), as {row name: [baseline cell, candidate cell]}."""
+    md = report.markdown(report._comparison_blocks(result, {}, tmp_path))
+    first = md[md.index("\n|") :].split("\n\n")[0]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in first.strip().splitlines()]
+    return {row[0]: row[1:] for row in rows[2:]}  # past the header and alignment rows
+
+
+def test_the_report_says_how_stale_the_baseline_is_and_where_each_side_ran(
+    tmp_path: Path,
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    commits = []
+    for n in range(4):
+        (repo / "code.py").write_text(f"SPEED = {n}\n")
+        _git(repo, "add", ".")
+        _git(repo, "commit", "-q", "-m", f"speed {n}")
+        commits.append(_git(repo, "rev-parse", "HEAD"))
+    env = _environment(AVX2)
+    base_dir = _stored(tmp_path, "base", env, git_commit=commits[0],
+                       started_at="2026-01-01T00:00:00+00:00")  # fmt: skip
+    cand_dir = _stored(tmp_path, "cand", env, git_commit=commits[3],
+                       started_at="2026-01-13T06:00:00+00:00")  # fmt: skip
+    cand = compare.load_side("candidate", "results/pr", [cand_dir])
+    base = compare.with_commits_behind(
+        compare.load_side("baseline", "main", [base_dir]), cand, repo
+    )
+    result = compare.compare(base, cand, mode="stored baseline")
+    rows = _sides_rows(result, tmp_path)
+    assert rows["commits behind the candidate"] == ["3", "–"]
+    assert rows["git commit"] == [commits[0][:12], commits[3][:12]]
+    assert rows["machine"] == ["AMD EPYC x2 (avx2); no GPU"] * 2
+    assert rows["started"][0] == "2026-01-01 00:00:00 UTC (12 days earlier)"
+
+
+def test_a_baseline_commit_unknown_to_the_checkout_is_unknown_commits_behind(
+    tmp_path: Path,
+) -> None:
+    env = _environment(AVX2)
+    cand = compare.load_side("candidate", "pr", [_stored(tmp_path, "cand", env)])
+    base = compare.load_side("baseline", "main", [_stored(tmp_path, "base", env)])
+    base = compare.with_commits_behind(base, cand, tmp_path)  # not a git checkout
+    result = compare.compare(base, cand, mode="stored baseline")
+    assert _sides_rows(result, tmp_path)["commits behind the candidate"] == ["unknown", "–"]
+
+
+def test_differing_package_versions_are_a_warning_not_a_refusal(tmp_path: Path) -> None:
+    base = compare.load_side(
+        "baseline", "main", [_stored(tmp_path, "base", _environment(AVX2, torch="2.5.1+cpu"))]
+    )
+    cand = compare.load_side(
+        "candidate", "pr", [_stored(tmp_path, "cand", _environment(AVX2, torch="2.6.0+cpu"))]
+    )
+    assert compare.mismatches(base, cand) == []
+    result = compare.compare(base, cand, mode="stored baseline")
+    (warning,) = [w for w in result.warnings if w.startswith("software versions differ")]
+    assert warning.endswith(": torch 2.5.1+cpu vs 2.6.0+cpu")

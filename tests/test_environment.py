@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.environment import fingerprint
+from bench.environment import Machine, commits_behind, fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -15,9 +15,9 @@ REPO = Path(__file__).resolve().parent.parent
 def test_fingerprint_describes_this_machine() -> None:
     f = fingerprint(REPO)
     assert f.python == platform.python_version()
-    assert f.cpu_count > 0 and f.cpu_model
+    assert f.machine.cores > 0 and f.machine.cpu_model and f.machine.memory_gib > 0
     assert "pandas" in f.packages
-    assert json.loads(f.to_json())["cpu_count"] == f.cpu_count
+    assert Machine.of(json.loads(f.to_json())) == f.machine
 
 
 def test_git_fields_are_unknown_outside_a_checkout(tmp_path: Path) -> None:
@@ -28,8 +28,8 @@ def test_git_fields_are_unknown_outside_a_checkout(tmp_path: Path) -> None:
 def test_hardware_key_is_stable_and_names_the_gpus_or_their_absence() -> None:
     a, b = fingerprint(REPO), fingerprint(REPO)
     assert a.hardware_key() == b.hardware_key()
-    names = ", ".join(g.name for g in a.gpus) or "no GPU"
-    assert a.hardware_key().endswith(names)
+    names = ", ".join(g.name for g in a.machine.gpus) or "no GPU"
+    assert a.hardware_key().endswith(f"({a.machine.isa}); {names}")
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -64,6 +64,22 @@ def test_results_written_inside_the_checkout_leave_it_clean(checkout: Path) -> N
         (checkout / run_dir).mkdir(parents=True)
         (checkout / run_dir / "runs.parquet").write_bytes(b"PAR1")
     assert fingerprint(checkout).git_dirty is False
+
+
+def test_commits_behind_counts_the_candidates_commits_the_baseline_lacks(checkout: Path) -> None:
+    first = _git(checkout, "rev-parse", "HEAD").strip()
+    for n in (2, 3):
+        (checkout / "bench" / "code.py").write_text(f"SPEED = {n}\n")
+        _git(checkout, "commit", "-q", "-am", f"speed {n}")
+    last = _git(checkout, "rev-parse", "HEAD").strip()
+    assert commits_behind(checkout, first, last) == 2
+    assert commits_behind(checkout, last, first) == 0
+
+
+def test_commits_behind_is_unknown_for_a_commit_the_checkout_lacks(checkout: Path) -> None:
+    head = _git(checkout, "rev-parse", "HEAD").strip()
+    assert commits_behind(checkout, "0123456789abcdef0123456789abcdef01234567", head) is None
+    assert commits_behind(checkout, None, head) is None
 
 
 def test_a_changed_tracked_file_makes_the_checkout_dirty(checkout: Path) -> None:

@@ -162,7 +162,7 @@ def test_every_axis_is_labelled_with_its_unit(ab_figures: dict[str, Figure]) -> 
         "ttft_cdf": ("TTFT (ms)", "fraction of requests"),
         "e2e_cdf": ("E2E latency (ms)", "fraction of requests"),
         "itl": ("load level", "ITL (ms)"),
-        "peak_memory": ("", "peak memory (MiB)"),
+        "peak_memory": ("load level", "peak memory (MiB)"),
     }
     for name, (xlabel, ylabel) in units.items():
         axes = _drawn_axes(figs[name])
@@ -242,24 +242,41 @@ def test_a_sweep_over_lengths_at_one_load_is_never_pooled() -> None:
     ticks = figures._itl_figure([build]).axes[0].get_xticklabels()
     assert [t.get_text() for t in ticks] == ["128/16 c=1", "1024/512 c=1"]
     ttft = figures._vs_concurrency_figure([build]).axes[0]
-    medians = sorted(float(line.get_ydata()[0]) for line in ttft.lines if len(line.get_ydata()))
-    p50s = [float(build.runs[build.runs.level == lv].ttft_ms_p50.median()) for lv in (0, 1)]
-    assert set(p50s) <= set(medians)  # each lengths level its own point, not their pooled median
+    drawn = {float(line.get_ydata()[0]) for line in ttft.lines if len(line.get_ydata())}
+    requests = build.requests[build.requests.ok]
+    p50s = {float(np.percentile(requests[requests.level == lv].ttft_ms, 50)) for lv in (0, 1)}
+    assert p50s <= drawn  # each lengths level its own point, not both levels' requests pooled
 
 
-def test_vs_concurrency_draws_the_median_over_repeats_with_min_max_bars() -> None:
-    ttft, tput = figures._vs_concurrency_figure([BASE]).axes
-    runs = BASE.runs
-    for ax, column in ((ttft, "ttft_ms_p50"), (tput, "output_throughput")):
-        line = ax.lines[0]  # errorbar's data line comes first
-        expected = runs.groupby("concurrency")[column].agg(["median", "min", "max"])
-        np.testing.assert_allclose(line.get_xdata(), expected.index.to_numpy(float))
-        np.testing.assert_allclose(line.get_ydata(), expected["median"])
-        bars = ax.collections[0].get_segments()  # one vertical segment per point: min to max
-        np.testing.assert_allclose([s[:, 1].min() for s in bars], expected["min"])
-        np.testing.assert_allclose([s[:, 1].max() for s in bars], expected["max"])
+def _bars(ax: Axes) -> tuple[list[float], list[float]]:
+    """The low and high ends of the first errorbar's bars, one vertical segment per point."""
+    segments = ax.collections[0].get_segments()
+    return [float(s[:, 1].min()) for s in segments], [float(s[:, 1].max()) for s in segments]
+
+
+def test_vs_concurrency_draws_ttft_of_all_requests_with_the_runs_own_range() -> None:
+    ttft = figures._vs_concurrency_figure([BASE]).axes[0]
+    line = ttft.lines[0]  # errorbar's data line comes first: p50
+    ok = BASE.requests[BASE.requests.ok]
+    pooled = ok.groupby("concurrency").ttft_ms.quantile(0.5)  # linear, as numpy's
+    per_run = BASE.runs.groupby("concurrency").ttft_ms_p50.agg(["min", "max"])
+    np.testing.assert_allclose(line.get_xdata(), [1.0, 2.0, 4.0])
+    np.testing.assert_allclose(line.get_ydata(), pooled)
+    low, high = _bars(ttft)
+    np.testing.assert_allclose(low, np.minimum(per_run["min"], pooled))
+    np.testing.assert_allclose(high, np.maximum(per_run["max"], pooled))
     drawn = [line.get_linestyle() for line in ttft.lines if line.get_linestyle() != "None"]
     assert drawn == ["-", "--"]  # p50 solid, p99 dashed; the caps have no line
+
+
+def test_vs_concurrency_draws_throughput_as_the_mean_of_repeats_plus_minus_sd() -> None:
+    skewed = BASE.runs.assign(output_throughput=100.0 * (1 + BASE.runs.level + BASE.runs.repeat**2))
+    tput = figures._vs_concurrency_figure([replace(BASE, runs=skewed)]).axes[1]
+    expected = skewed.groupby("concurrency").output_throughput.agg(["mean", "std"])
+    np.testing.assert_allclose(tput.lines[0].get_ydata(), expected["mean"])
+    low, high = _bars(tput)
+    np.testing.assert_allclose(low, expected["mean"] - expected["std"])
+    np.testing.assert_allclose(high, expected["mean"] + expected["std"])
 
 
 def test_vs_concurrency_has_log2_ticks_at_the_measured_concurrencies() -> None:
@@ -280,25 +297,36 @@ def test_vs_concurrency_of_open_loop_runs_is_against_request_rate() -> None:
 def test_open_loop_levels_are_titled_by_rate_in_every_figure() -> None:
     open_loop = _build("open loop", loads=OPEN, failures=1)
     cdf = figures._latency_cdf_figure([open_loop], "ttft_ms")
-    assert [ax.get_title() for ax in cdf.axes] == ["2 req/s", "8 req/s"]
+    assert [ax.get_title() for ax in cdf.axes] == ["2/s", "8/s"]
     itl = figures._itl_figure([open_loop])
-    assert [t.get_text() for t in itl.axes[0].get_xticklabels()] == ["2 req/s", "8 req/s"]
+    assert [t.get_text() for t in itl.axes[0].get_xticklabels()] == ["2/s", "8/s"]
 
 
-def test_peak_memory_draws_the_peak_of_each_gpu_per_build() -> None:
-    gpu_a = _build("a", loads=CLOSED, peak_gpu_memory_mib=[1000.0, 2000.0])
-    gpu_b = _build("b", loads=CLOSED, peak_gpu_memory_mib=[1500.0])
+def test_peak_memory_draws_each_levels_gpu_total_per_build() -> None:
+    two_gpus = {"peak_gpu_memory_mib": [1000.0, 2000.0], "peak_gpu_memory_mib_total": 3000.0}
+    gpu_a = _build("a", loads=CLOSED, **two_gpus)
+    gpu_b = _build(
+        "b", loads=CLOSED[:2], peak_gpu_memory_mib=[1500.0], peak_gpu_memory_mib_total=1500.0
+    )
     ax = figures._peak_memory_figure([gpu_a, gpu_b]).axes[0]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["GPU 0", "GPU 1"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["c=1", "c=2", "c=4"]
     heights = [p.get_height() for p in ax.patches]
-    assert heights[:2] == [1000.0, 2000.0]
-    assert heights[2] == 1500.0 and np.isnan(heights[3])  # b has no GPU 1
+    assert heights[:3] == [3000.0] * 3
+    assert heights[3:5] == [1500.0] * 2 and np.isnan(heights[5])  # b has no c=4
+    assert "GPU total" in ax.get_title()
 
 
 def test_peak_memory_falls_back_to_peak_rss_without_gpu_figures() -> None:
     ax = figures._peak_memory_figure(AB).axes[0]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["peak RSS (CPU)"]
-    assert [p.get_height() for p in ax.patches] == [600.0, 500.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["c=1", "c=2", "c=4"]
+    assert [p.get_height() for p in ax.patches] == [600.0] * 3 + [500.0] * 3
+    assert "server RSS" in ax.get_title()
+
+
+def test_peak_memory_of_a_level_is_the_maximum_over_its_repeats() -> None:
+    runs = BASE.runs.assign(peak_rss_mib=600.0 + 10.0 * BASE.runs.repeat)
+    ax = figures._peak_memory_figure([replace(BASE, runs=runs)]).axes[0]
+    assert [p.get_height() for p in ax.patches] == [620.0] * 3
 
 
 def test_peak_memory_without_any_figures_says_so(tmp_path: Path) -> None:

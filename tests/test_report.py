@@ -8,14 +8,12 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from bench import report
+from bench import report, store
 from bench.comparison import (
     Comparison,
     Geomean,
-    Level,
     MemoryRow,
     Metric,
     QuantileRow,
@@ -23,6 +21,8 @@ from bench.comparison import (
     Side,
 )
 from bench.figures import Build
+from bench.levels import Level, LevelStats, MeanSd
+from bench.metrics import Distribution
 from bench.records import (
     REQUESTS_SCHEMA,
     RUNS_SCHEMA,
@@ -30,7 +30,7 @@ from bench.records import (
     RunRecord,
     to_table,
 )
-from bench.stats import Verdict, ratio_test
+from bench.stats import Verdict, geomean, ratio_test
 from bench.store import RunStore
 from tests.synthetic import request_record, run_record
 
@@ -61,8 +61,8 @@ def _build(label: str, scale: float) -> Build:
 
 # ---- a synthetic comparison --------------------------------------------------------------
 
-C1 = Level("sweep", 1, None, 64, 128)
-C4 = Level("sweep", 4, None, 64, 128)
+C1 = Level("sweep", input_tokens=64, output_tokens=128, concurrency=1, request_rate=None)
+C4 = Level("sweep", input_tokens=64, output_tokens=128, concurrency=4, request_rate=None)
 TPUT = Metric("output_throughput", "out tok/s", "tok/s", True)
 TTFT50 = Metric("ttft_ms_p50", "TTFT p50", "ms", False)
 TTFT99 = Metric("ttft_ms_p99", "TTFT p99", "ms", False)
@@ -87,8 +87,8 @@ def _row(
         metric=metric,
         baseline=base,
         candidate=cand,
-        baseline_median=float(pd.Series(base).median()),
-        candidate_median=float(pd.Series(cand).median()),
+        baseline_geomean=geomean(base),
+        candidate_geomean=geomean(cand),
         test=ratio_test(base, cand),
         p_adjusted=p_adjusted,
         verdict=verdict,
@@ -137,7 +137,7 @@ COMPARISON = Comparison(
     threshold=0.02,
     rows=ROWS,
     quantiles=[QuantileRow(C4, "ttft_ms", 0.99, 40.0, 50.0, 1.25, 1.1, 1.4, (30, 30))],
-    memory=[MemoryRow(C4, "rss", 600.0, 540.0, -10.0, "better")],
+    memory=[MemoryRow(C4, "RSS", 600.0, 540.0, -10.0, "better")],
     geomeans=[Geomean(TPUT, 1.09), Geomean(TTFT99, 1.12)],
     mismatches=["hardware_key: 'cpu' vs 'H100 x1'"],
     warnings=["sweep 64/128 c=4: 3 repeats per build; comparisons need at least 5"],
@@ -340,20 +340,37 @@ def test_capacity_says_none_when_no_level_meets_the_slo(single: dict[str, Path])
 
 
 def test_capacity_names_a_lower_level_that_misses_the_slo() -> None:
-    def level(concurrency: int, p99: float) -> report.LevelSummary:
-        lv = Level("s", concurrency, None, 1, 1)
-        return report.LevelSummary(lv, 5, 1.0, 1.0, p99, 1.0, 1.0, 1.0, 1.0, 0, 1.0, "", 0, 0)
+    def level(concurrency: int, p99: float) -> LevelStats:
+        latency = Distribution(mean=1.0, p50=1.0, p90=1.0, p99=p99)
+        return LevelStats(
+            level=Level(
+                "s", input_tokens=1, output_tokens=1, concurrency=concurrency, request_rate=None
+            ),
+            repeats=5,
+            sent=10,
+            completed=10,
+            ttft_ms=latency,
+            itl_ms=latency,
+            tpot_ms=latency,
+            e2e_ms=latency,
+            output_throughput=MeanSd(1.0, 0.0),
+            request_throughput=MeanSd(1.0, 0.0),
+            peak_memory=None,
+            client_bound=0,
+            partial=0,
+        )
 
     (line,) = report.capacity([level(1, 10.0), level(2, 99.0), level(4, 10.0)], 50.0)
     assert ": 4 concurrent users" in line and "2 concurrent users, below it, misses it" in line
 
 
-def test_the_run_report_has_a_row_per_level_with_the_median_over_repeats(
+def test_the_run_report_has_a_row_per_level_with_the_p99_of_all_its_requests(
     single: dict[str, Path],
 ) -> None:
     (table, *_) = _tables(_md(single))
     rows = {row[0]: row for row in table[1:]}
     assert len(rows) == 6
+    # Three runs of two requests each, at 1,250 and 2,500 ms: p99 of the six pooled.
     assert rows["sweep 64/128 c=8"][table[0].index("TTFT p99 ms")] == "2,500"
 
 
@@ -367,7 +384,15 @@ def test_a_folder_of_run_directories_reports_each_of_them(tmp_path: Path) -> Non
     for run_id in ("b", "a"):
         RunStore(tmp_path, run_id).flush()
     (tmp_path / "not-a-run").mkdir()
-    assert report.find_run_dirs([tmp_path]) == [tmp_path / "a", tmp_path / "b"]
+    assert store.find_run_dirs([tmp_path]) == [tmp_path / "a", tmp_path / "b"]
+
+
+def test_runs_anywhere_below_a_folder_are_found_except_in_hidden_folders(tmp_path: Path) -> None:
+    """What an A/B round or a multirun leaves: runs a few folders down, Hydra's own beside."""
+    for where in ("baseline/a", "baseline/b", "candidate/round-1/c", ".hydra/d"):
+        RunStore(tmp_path, where).flush()
+    found = store.find_run_dirs([tmp_path])
+    assert found == [tmp_path / w for w in ("baseline/a", "baseline/b", "candidate/round-1/c")]
 
 
 # ---- command line ------------------------------------------------------------------------

@@ -9,12 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 from rich.console import Console
 
-from bench.config import LoadLevel, SloConfig
+from bench.config import LoadLevel
 from bench.records import RequestRecord, RunRecord
 from bench.summary import print_summary
 from tests.synthetic import request_record, run_record
 
-NO_SLO = SloConfig(ttft_ms=None, tpot_ms=None, e2e_ms=None)
 REPEATS, PER_RUN = 5, 20
 
 
@@ -119,7 +118,7 @@ def _expected(f: Figures) -> list[str]:
 
 def _render(levels: list[Figures], width: int) -> str:
     console = Console(width=width, record=True, file=io.StringIO())
-    print_summary(*_records(levels), NO_SLO, console)
+    print_summary(*_records(levels), console=console)
     return console.export_text()
 
 
@@ -171,7 +170,7 @@ def test_failed_requests_and_client_bound_repeats_are_called_out() -> None:
     runs[0] = run_record(**{**vars(runs[0]), "client_bound": True})
     requests[0] = request_record(**{**vars(requests[0]), "ok": False})
     console = Console(width=80, record=True, file=io.StringIO())
-    print_summary(runs, requests, NO_SLO, console)
+    print_summary(runs, requests, console)
     text = " ".join(console.export_text().split())
     assert "99/100" in text and "1 failed" in text
     assert "client-bound" in text and f"{LoadLevel(0, 64, 128, 1, None).label} in 1 of 5" in text

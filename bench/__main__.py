@@ -33,8 +33,15 @@ def main(cfg: DictConfig) -> None:
     print_summary(result.runs, result.requests)
     print(f"results: {result.run_dir}")
     if bench_cfg.baseline_save and result.status == "complete":
-        home = baseline.save(result.run_dir, bench_cfg.baseline_save, Path(bench_cfg.baselines_dir))
-        print(f"baseline: {home} ({bench_cfg.scenario.name} saved)")
+        home = baseline.save(
+            result.run_dir,
+            bench_cfg.baseline_save,
+            Path(bench_cfg.baselines_dir),
+            keep=bench_cfg.baseline_keep,
+        )
+        sessions = len(baseline.sessions(home)[bench_cfg.scenario.name])
+        kept = f"{sessions} session{'s' * (sessions != 1)} kept"
+        print(f"baseline: {home} ({bench_cfg.scenario.name} saved, {kept})")
     if result.status != "complete":
         if bench_cfg.baseline_save:
             print("error: a partial run is not saved as a baseline", file=sys.stderr)

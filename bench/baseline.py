@@ -1,12 +1,21 @@
 """Named baselines: runs kept under `results/baselines/NAME/` to compare later builds against.
 
-A baseline holds one run per scenario (saving a scenario again replaces its earlier run), each
-as the run's own Parquet directory, plus `manifest.json` saying what each run measured: model,
-engine settings, workload hash, machine (`hardware_key` in one line, and in `environment` the
-whole fingerprint with its `machine`), git commit and date. A few megabytes for the standard
-scenarios (mostly per-token gaps). A baseline is only comparable on the machine it was measured
-on (`bench.compare` refuses another), so it stays there: `results/` is git-ignored (keep a CI
-runner's baselines in a directory of its own, `baseline.dir=...`, as docs/ci-example.yml does).
+A baseline holds **sessions**: a session is one invocation of `python -m bench` for one
+scenario (all its levels and repeats, measured on one machine state), stored as that run's own
+Parquet directory, named by its run_id, which is the session's id. Saving a scenario again adds
+a session; the newest `baseline.keep` sessions per scenario are kept and older ones deleted.
+Repeats within a session share the machine's state of those minutes, so they say nothing of how
+far the machine moves between sessions; several sessions do, and `bench.compare` tests a
+candidate session against the spread of the baseline's (docs/metrics.md). A baseline saved when
+it kept one run per scenario is the same layout with one session each.
+
+`manifest.json` lists every session (`runs`, oldest first within a scenario) with what it
+measured: model, engine settings, workload hash, machine (`hardware_key` in one line, and in
+`environment` the whole fingerprint with its `machine`), git commit and date. A few megabytes
+per session of the standard scenarios (mostly per-token gaps). A baseline is only comparable on
+the machine it was measured on (`bench.compare` refuses another), so it stays there: `results/`
+is git-ignored (keep a CI runner's baselines in a directory of its own, `baseline.dir=...`, as
+docs/ci-example.yml does).
 """
 
 from __future__ import annotations
@@ -86,28 +95,43 @@ def entry_of(runs: pd.DataFrame, where: Path) -> Entry:
     )
 
 
-def save(run_dir: Path, name: str, root: Path) -> Path:
-    """Copy a finished run into baseline `name`, replacing that baseline's earlier run of the
-    same scenario; returns the baseline's directory."""
+def save(run_dir: Path, name: str, root: Path, keep: int) -> Path:
+    """Add a finished run to baseline `name` as a new session of its scenario, keeping that
+    scenario's newest `keep` sessions (older ones are deleted); returns the baseline's
+    directory. Saving a run that is already there replaces it."""
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"baseline.save: expected a plain name like 'main', got {name!r}")
+    if keep < 1:
+        raise ValueError(f"baseline.keep: expected an integer >= 1, got {keep!r}")
     entry = entry_of(pd.read_parquet(run_dir / "runs.parquet"), run_dir)
     home = root / name
     home.mkdir(parents=True, exist_ok=True)
-    manifest = _read(home)
-    for old in [e for e in manifest if e.scenario == entry.scenario]:
-        shutil.rmtree(home / old.run_id, ignore_errors=True)
-        manifest.remove(old)
+    manifest = [e for e in _read(home) if e.run_id != entry.run_id]
+    shutil.rmtree(home / entry.run_id, ignore_errors=True)
     # Parquet only: Hydra's bookkeeping and temporary files are no part of a baseline.
     shutil.copytree(run_dir, home / entry.run_id, ignore=shutil.ignore_patterns("*.tmp", ".*"))
     manifest.append(entry)
+    same = [e for e in manifest if e.scenario == entry.scenario]
+    for old in same[: max(0, len(same) - keep)]:  # oldest first: the order they were saved in
+        shutil.rmtree(home / old.run_id, ignore_errors=True)
+        manifest.remove(old)
     document = {
         "name": name,
         "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        # Stable by scenario, so each scenario's sessions stay in the order they were saved.
         "runs": [asdict(e) for e in sorted(manifest, key=lambda e: e.scenario)],
     }
     (home / MANIFEST).write_text(json.dumps(document, indent=2) + "\n")
     return home
+
+
+def sessions(home: Path) -> dict[str, list[Entry]]:
+    """A baseline's sessions per scenario, oldest first; each entry's run_id is the session id
+    and names its run directory under `home`."""
+    out: dict[str, list[Entry]] = {}
+    for entry in _read(home):
+        out.setdefault(entry.scenario, []).append(entry)
+    return out
 
 
 def _read(home: Path) -> list[Entry]:
@@ -119,7 +143,8 @@ def _read(home: Path) -> list[Entry]:
 
 def run_dirs(source: str, root: Path) -> list[Path]:
     """The run directories `source` names: a baseline name under `root`, a baseline or run
-    directory, or a directory of run directories (what a multirun or an A/B round leaves)."""
+    directory, or a directory of run directories (what a multirun or an A/B round leaves).
+    Each is one session; its runs carry the session id as their run_id."""
     path = Path(source)
     if not path.exists() and (root / source).is_dir():
         path = root / source

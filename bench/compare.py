@@ -5,16 +5,22 @@
         'interleave.common=[scenario=short_qa,target=bundled]' \\
         'interleave.candidate=[runtime.quantization=int8]' report=reports/int8
 
-The run (one repeat of one load level) is the unit: per metric and level, Welch's t-test on the
-logs of the per-run values gives the ratio candidate/baseline with its confidence interval,
-Mann-Whitney U checks it, and Holm-Bonferroni adjusts every p-value of the report together. A
-verdict needs both significance and an effect beyond the noise threshold. Per-request latency
+Per metric and level the change is the ratio of the geometric means of the runs (one repeat of
+one load level each), candidate/baseline, with its confidence interval. What it is tested
+against depends on the mode. A stored baseline holds sessions (separate invocations of the
+harness, bench/baseline.py), whose repeats share the machine's state: the candidate's session
+mean is tested against the spread of the baseline's session means (with one session a side, a
+default spread, bench/stats.py). Interleaved mode alternates the builds within one invocation,
+so Welch's t-test on the per-run values serves, with Mann-Whitney U as a check.
+Holm-Bonferroni adjusts every p-value of the report together. A verdict needs both
+significance and an effect beyond the noise threshold. Per-request latency
 quantiles get hierarchical bootstrap CIs (runs, then requests); peak memory is compared exactly
 within a tolerance.
 
 Interleaved mode runs both builds alternately on this machine (A B B A A B ...: alternating
 which goes first cancels a linear drift), one repeat per round and side, then compares them:
-on a shared machine that is far less noisy than a baseline stored on another day.
+on a shared machine that is far less noisy than a baseline stored on another day, since
+whatever moves the machine moves both builds.
 
 Builds compare only when they ran the same workload and model on one machine: the machine in
 each run's fingerprint (bench/environment.py) must show no difference that moves speed (CPU
@@ -47,10 +53,14 @@ from rich.table import Table
 from bench import baseline as baselines
 from bench import stats
 from bench.comparison import (
+    INTERLEAVED,
+    STORED,
     Comparison,
     Geomean,
+    MachineSpeed,
     MemoryRow,
     Metric,
+    ProbeFigure,
     QuantileRow,
     Row,
     Side,
@@ -58,7 +68,8 @@ from bench.comparison import (
 from bench.environment import Machine, commits_behind, version_differences, versions
 from bench.figures import Build
 from bench.levels import Level, level_requests, levels_of, peak_memory, run_peaks
-from bench.report import verdict_rule
+from bench.probe import FIGURES, Session, change, sessions_of
+from bench.report import drift_rule, probe_cells, verdict_rule
 from bench.summary import print_whole
 
 EXIT_REGRESSION, EXIT_UNUSABLE = 1, 2
@@ -131,6 +142,7 @@ def load_side(label: str, source: str, run_dirs: Sequence[Path]) -> Loaded:
     requests = pd.concat([x.requests for x in loaded], ignore_index=True)
     if runs.empty:
         raise CompareError(f"{label} ({source}) has no finished load level")
+    # Each run directory is one session, and its runs' run_id is the session's id.
     entries = [baselines.entry_of(x.runs, d) for x, d in zip(loaded, run_dirs, strict=True)]
     side = Side(
         label=label,
@@ -146,7 +158,9 @@ def load_side(label: str, source: str, run_dirs: Sequence[Path]) -> Loaded:
         started_at=min(e.started_at for e in entries),
     )
     machines = tuple(e.machine for e in entries)
-    return Loaded(side, runs, requests, machines, versions(*(e.environment for e in entries)))
+    result = Loaded(side, runs, requests, machines, versions(*(e.environment for e in entries)))
+    sessions = max(frame["run_id"].nunique() for frame in result.levels.values())
+    return dataclasses.replace(result, side=dataclasses.replace(side, sessions=sessions))
 
 
 def with_commits_behind(base: Loaded, cand: Loaded, repo_dir: Path) -> Loaded:
@@ -233,13 +247,25 @@ def _geomean(values: Sequence[float]) -> float:
         return math.nan
 
 
+def _by_session(frame: pd.DataFrame, column: str) -> list[list[float]]:
+    """A metric's per-run values grouped by session (run_id), in the order they appear."""
+    return [_values(group, column) for _, group in frame.groupby("run_id", sort=False)]
+
+
 def _test(
-    where: str, metric: Metric, base: list[float], cand: list[float], warnings: list[str]
-) -> stats.RatioTest | None:
+    where: str, metric: Metric, frames: tuple[pd.DataFrame, pd.DataFrame], per_run: bool,
+    warnings: list[str],
+) -> stats.RatioTest | None:  # fmt: skip
+    """The metric's test: Welch's on per-run values (per_run), else the session test."""
+    base, cand = (_values(f, metric.column) for f in frames)
     if not base or not cand:
         return None
     try:
-        return stats.ratio_test(base, cand)
+        if per_run:
+            return stats.ratio_test(base, cand)
+        default = stats.SESSION_SD_DEFAULTS[stats.session_sd_family(metric.column)]
+        b, c = (_by_session(f, metric.column) for f in frames)
+        return stats.session_ratio_test(b, c, default)
     except ValueError as exc:
         warnings.append(f"{where} {metric.label}: not tested ({exc})")
         return None
@@ -303,6 +329,9 @@ def compare(
         for level in sorted(set(levels) - set(other), key=Level.sort_key):
             warnings.append(f"{level.name}: only in the {name}; not compared")
     common = sorted(set(base_levels) & set(cand_levels), key=Level.sort_key)
+    # Interleaved builds share the machine's moves, round by round: runs are the samples. A
+    # stored baseline's sessions each had the machine in its own state: sessions are.
+    per_run = mode == INTERLEAVED
     if not common:
         raise CompareError(
             "the builds share no load level (same scenario, lengths and load); run the "
@@ -312,24 +341,26 @@ def compare(
     pending: list[tuple[Level | None, Metric, list[float], list[float], _Test]] = []
     for level in common:
         b, c = base_levels[level], cand_levels[level]
-        if min(len(b), len(c)) < stats.MIN_REPEATS:
+        sessions = b["run_id"].nunique() + c["run_id"].nunique()
+        if (per_run or sessions < 3) and min(len(b), len(c)) < stats.MIN_REPEATS:
             warnings.append(
                 f"{level.name}: {len(b)} baseline and {len(c)} candidate runs; a test needs "
                 f"{stats.MIN_REPEATS} per side to be trusted (scenario.repeats)"
             )
         for metric in METRICS:
             bv, cv = _values(b, metric.column), _values(c, metric.column)
-            pending.append((level, metric, bv, cv, _test(level.name, metric, bv, cv, warnings)))
+            test = _test(level.name, metric, (b, c), per_run, warnings)
+            pending.append((level, metric, bv, cv, test))
         memory = _memory(level, b, c, warnings)
         if memory is not None:
             result.memory.append(memory)
         _quantiles(result, level, level_requests(base.requests, b),
                    level_requests(cand.requests, c))  # fmt: skip
     # Load time: one value per server start, not per level.
-    bv = _values(base.runs.drop_duplicates("run_id"), LOAD_TIME.column)
-    cv = _values(cand.runs.drop_duplicates("run_id"), LOAD_TIME.column)
+    starts = (base.runs.drop_duplicates("run_id"), cand.runs.drop_duplicates("run_id"))
+    bv, cv = (_values(f, LOAD_TIME.column) for f in starts)
     if bv and cv:
-        load_test = _test("server start", LOAD_TIME, bv, cv, warnings)
+        load_test = _test("server start", LOAD_TIME, starts, per_run, warnings)
         pending.append((None, LOAD_TIME, bv, cv, load_test))
     p_values = [
         t.p_welch if t is not None else math.nan for _, _, _, _, t in pending
@@ -342,7 +373,7 @@ def compare(
             if verdict != "~" and test.p_mannwhitney is not None and test.p_mannwhitney >= alpha:
                 where = "server start" if at is None else at.name
                 warnings.append(
-                    f"{where} {metric.label}: Welch's test says {verdict} but Mann-Whitney "
+                    f"{where} {metric.label}: the t-test says {verdict} but Mann-Whitney "
                     f"does not (p={test.p_mannwhitney:.3f}); outliers may drive it"
                 )
         limit = gate.get(metric.column, threshold)
@@ -367,8 +398,23 @@ def compare(
         if ratios:
             result.geomeans.append(Geomean(metric, stats.geomean(ratios)))
     _warn_few_samples(result)
+    _warn_few_sessions(result)
     _warn(result, base, cand)
+    _within_machine_drift(result, sessions_of(base.runs), sessions_of(cand.runs))
     return result
+
+
+def _warn_few_sessions(result: Comparison) -> None:
+    """Say when a session test's spread rests on so few sessions that its interval is wide."""
+    counts = {t.sessions for r in result.rows if (t := r.test) and t.sessions}
+    few = sorted(k for k in counts if 3 <= sum(k) < 5)
+    if few:
+        b, c = few[0]
+        result.warnings.append(
+            f"the spread between sessions rests on {b} baseline and {c} candidate sessions "
+            f"({b + c - 2} degrees of freedom), so its intervals are wide; keep more sessions "
+            "(baseline.keep, saving again) or compare interleaved (interleave.rounds=N)"
+        )
 
 
 def _warn_few_samples(result: Comparison) -> None:
@@ -427,6 +473,111 @@ def _warn(result: Comparison, base: Loaded, cand: Loaded) -> None:
                 )
 
 
+def _machine_speed(base: Sequence[Session], cand: Sequence[Session]) -> MachineSpeed | None:
+    """What the speed probes saw of the machine during each build's sessions; None where a
+    build has no probe. The figures that gate are those of the part the engine runs on (the
+    GPU where both builds probed one, else the CPU) and the client's event loop.
+
+    A part's change is the one all its figures agree on, the smallest of theirs: when the
+    machine's speed changes (other work on its cores, another clock), every figure of the part
+    moves, while a moment's disturbance of one timing moves that figure alone."""
+    sides = [[p for s in sessions for p in s.probes] for sessions in (base, cand)]
+    if not all(sides):
+        return None
+    engine = "GPU" if all(any(p.gpu_gemm_tflops for p in probes) for probes in sides) else "CPU"
+    figures: list[ProbeFigure] = []
+    # Per comparison (between the builds, during each build's sessions): part -> its changes.
+    between: dict[str, list[tuple[float, str]]] = {}
+    within: list[dict[str, list[tuple[float, str]]]] = [{}, {}]
+    for f in FIGURES:
+        values = [[v for p in probes if (v := p.value(f)) is not None] for probes in sides]
+        if not all(values):
+            continue
+        b, c = (statistics.median(v) for v in values)
+        gates = f.part in (engine, "client")
+        figures.append(ProbeFigure(f.label, f.unit, f.higher_is_better, b, c, gates))
+        if not gates:
+            continue
+        between.setdefault(f.part, []).append((change(b, c), f.label))
+        for i, sessions in enumerate((base, cand)):
+            before = [v for s in sessions if s.before and (v := s.before.value(f)) is not None]
+            after = [v for s in sessions if s.after and (v := s.after.value(f)) is not None]
+            if before and after:
+                moved = change(statistics.median(before), statistics.median(after))
+                within[i].setdefault(f.part, []).append((moved, f.label))
+    if not between:
+        return None
+    moves = [
+        _agreed(between, "between the builds"),
+        _agreed(within[0], "during the baseline's sessions"),
+        _agreed(within[1], "during the candidate's sessions"),
+    ]
+    return MachineSpeed(
+        figures=figures,
+        between=moves[0][0],
+        within=(moves[1][0], moves[2][0]),
+        sessions=(len(base), len(cand)),
+        cause=max(moves)[1],
+    )
+
+
+def _agreed(by_part: dict[str, list[tuple[float, str]]], when: str) -> tuple[float, str]:
+    """The largest change that all figures of one part agree on, and what moved (`when`)."""
+    agreed = [
+        (min(moved for moved, _ in changes), f"{' and '.join(f for _, f in changes)} {when}")
+        for changes in by_part.values()
+    ]
+    return max(agreed, default=(0.0, ""))
+
+
+def _within_machine_drift(
+    result: Comparison, base: Sequence[Session], cand: Sequence[Session]
+) -> None:
+    """Take the verdict from every row whose change cannot be told from the machine's.
+
+    The machine's speed may differ between the builds' sessions, and move during them, by
+    `drift` (MachineSpeed): a change the build made is then known only to within that factor.
+    A row keeps its verdict only where its whole interval (its ratio, without one) lies beyond
+    the drift, [1 / (1 + drift), 1 + drift]; the others become "~", with a note and no
+    regression. A build without probes (recorded by an older harness) leaves the rows as they
+    are, with a warning.
+    """
+    result.machine = speed = _machine_speed(base, cand)
+    if result.mode == INTERLEAVED:
+        return  # the builds alternate in one invocation: the machine's moves reach both alike
+    if speed is None:
+        missing = [n for n, s in (("baseline", base), ("candidate", cand)) if not any(
+            x.probes for x in s)]  # fmt: skip
+        result.warnings.append(
+            f"no machine speed probe in the {' and '.join(missing) or 'builds'} (recorded by a "
+            "harness before schema 4), so a change of the machine's own speed between the "
+            "sessions cannot be told from the build's: record it again, or compare interleaved"
+        )
+        return
+    band = 1.0 + speed.drift
+    moved = f"the machine's speed changed by {speed.drift:.1%} ({speed.cause})"
+    note = f"{moved}, so this change cannot be told from it"
+    held: list[Row] = []
+    for i, row in enumerate(result.rows):
+        t = row.test
+        if row.verdict == "~" or t is None:
+            continue
+        low, high = (t.ci_low, t.ci_high) if math.isfinite(t.ci_low + t.ci_high) else (
+            t.ratio, t.ratio)  # fmt: skip
+        if low > band or high < 1.0 / band:
+            continue
+        held.append(row)
+        result.rows[i] = dataclasses.replace(row, verdict="~", regression=False, note=note)
+    if held:
+        worse = sum(r.verdict == "worse" for r in held)
+        result.warnings.append(
+            f"{len(held)} significant change{'s' * (len(held) != 1)} ({worse} worse) got no "
+            f"verdict: {moved} by the speed probe, and their intervals reach into that. "
+            "Compare interleaved "
+            "(interleave.rounds=N) so that both builds share the machine's moves"
+        )
+
+
 def _interleave(cfg: InterleaveConfig) -> tuple[list[Path], list[Path]]:
     """Run both builds `rounds` times, alternating which goes first; their run directories."""
     from bench.compose import compose
@@ -483,12 +634,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             base_dirs, cand_dirs = _interleave(cfg.interleave)
             base_src = " ".join(cfg.interleave.baseline) or "as configured"
             cand_src = " ".join(cfg.interleave.candidate) or "as configured"
-            mode = "interleaved"
+            mode = INTERLEAVED
         else:
             assert cfg.baseline is not None and cfg.candidate is not None
             base_dirs = baselines.run_dirs(cfg.baseline, root)
             cand_dirs = baselines.run_dirs(cfg.candidate, root)
-            base_src, cand_src, mode = cfg.baseline, cfg.candidate, "stored baseline"
+            base_src, cand_src, mode = cfg.baseline, cfg.candidate, STORED
         base = load_side("baseline", base_src, base_dirs)
         cand = load_side("candidate", cand_src, cand_dirs)
         base = with_commits_behind(base, cand, REPO_DIR)
@@ -519,10 +670,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _print(result: Comparison, console: Console | None = None) -> None:
     counts = result.counts()
+    drift = drift_rule(result)
     table = Table(
         title=f"{result.candidate.source} vs {result.baseline.source} ({result.mode}): "
         f"{counts['better']} better · {counts['worse']} worse · {counts['~']} unchanged",
-        caption=f"{verdict_rule(result)}. Red: worse beyond its gate, so the comparison fails.",
+        caption=f"{verdict_rule(result)}{'; ' + drift if drift else ''}. Red: worse beyond its "
+        "gate, so the comparison fails.",
     )
     for column in ("level", "metric", "baseline", "candidate", "delta [CI]", "p (adj.)", "verdict"):
         table.add_column(column, justify="left" if column in ("level", "metric") else "right")
@@ -538,10 +691,20 @@ def _print(result: Comparison, console: Console | None = None) -> None:
         table.add_row(
             row.where, f"{arrow} {row.metric.name}", f"{row.baseline_geomean:,.4g}",
             f"{row.candidate_geomean:,.4g}", f"{row.delta_pct:+.1f}%{ci}",
-            "" if math.isnan(row.p_adjusted) else f"{row.p_adjusted:.3g}", row.verdict,
-            style=style,
+            "" if math.isnan(row.p_adjusted) else f"{row.p_adjusted:.3g}",
+            row.verdict + ("*" if row.note else ""), style=style,
         )  # fmt: skip
-    print_whole(console or Console(), table)
+    console = console or Console()
+    print_whole(console, table)
+    if result.machine is not None:
+        probe = Table(title="machine speed (probe)", caption=probe_cells(result.machine)[2])
+        for column in ("figure", "baseline", "candidate", "ratio"):
+            probe.add_column(column, justify="left" if column == "figure" else "right")
+        for f in result.machine.figures:
+            arrow = "↑" if f.higher_is_better else "↓"
+            probe.add_row(f"{arrow} {f.label} {f.unit}", f"{f.baseline:,.4g}",
+                          f"{f.candidate:,.4g}", f"×{f.ratio:.3f}")  # fmt: skip
+        print_whole(console, probe)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
 

@@ -1,7 +1,9 @@
 """What an A/B comparison found: the records `bench.compare` computes and `bench.report` renders.
 
-The unit of comparison is the run: one repeat of one load level (a row of runs.parquet).
-Per-request samples only feed the diagnostic quantile CIs.
+The values compared are per run: one repeat of one load level (a row of runs.parquet). What
+they are tested against is per session with a stored baseline (the spread between separate
+invocations of the harness) and per run in interleaved mode. Per-request samples only feed the
+diagnostic quantile CIs.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from dataclasses import dataclass, field
 
 from bench.levels import Level
 from bench.stats import RatioTest, Verdict
+
+# How the two builds were measured (Comparison.mode).
+STORED = "stored baseline"  # the baseline's sessions were stored earlier; the test is per session
+INTERLEAVED = "interleaved"  # both builds alternated within one invocation; the test is per run
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,9 @@ class Side:
     # For the baseline: the commits of the candidate's history that this build's commit lacks
     # (git rev-list --count BASE..CANDIDATE); None where either commit is unknown to git.
     commits_behind: int | None = None
+    # Sessions (run directories, each one invocation of the harness; interleaved: rounds) at
+    # the level that has the most of them.
+    sessions: int = 1
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,9 @@ class Row:
     verdict: Verdict
     gate: float  # regression threshold for this metric (fraction, e.g. 0.05)
     regression: bool  # worse beyond `gate`: fails the comparison
+    # Why a significant change got no verdict: it lies within the machine's own change of
+    # speed (MachineSpeed.drift); None otherwise.
+    note: str | None = None
 
     @property
     def where(self) -> str:
@@ -114,9 +126,46 @@ class Geomean:
     ratio: float
 
 
+@dataclass(frozen=True)
+class ProbeFigure:
+    """One figure of the machine speed probe (bench/probe.py) on both builds' machines: each
+    side's median over its probes, before and after each of its sessions."""
+
+    label: str  # "CPU matmul"
+    unit: str  # "GFLOP/s"
+    higher_is_better: bool
+    baseline: float
+    candidate: float
+    gates: bool  # counts towards the drift (the figures of the part the engine runs on)
+
+    @property
+    def ratio(self) -> float:
+        return self.candidate / self.baseline
+
+
+@dataclass(frozen=True)
+class MachineSpeed:
+    """How the machine's own speed changed between the builds' sessions and within them.
+
+    Each change is a fraction of the slower speed (0.25: one was 1.25x the other), the largest
+    over the figures that gate (`ProbeFigure.gates`). A change of a metric within `drift`
+    cannot be told from the machine's, so it gets no verdict.
+    """
+
+    figures: list[ProbeFigure]  # those both builds probed
+    between: float  # between the builds: their medians
+    within: tuple[float, float]  # per build: the median before vs the median after its sessions
+    sessions: tuple[int, int]  # probed sessions per build
+    cause: str  # the figure and the place of the largest change, "CPU matmul between the builds"
+
+    @property
+    def drift(self) -> float:
+        return max(self.between, *self.within)
+
+
 @dataclass
 class Comparison:
-    mode: str  # "stored baseline" | "interleaved"
+    mode: str  # STORED | INTERLEAVED
     baseline: Side
     candidate: Side
     alpha: float
@@ -127,6 +176,7 @@ class Comparison:
     geomeans: list[Geomean] = field(default_factory=list)
     mismatches: list[str] = field(default_factory=list)  # accepted with allow_mismatch=true
     warnings: list[str] = field(default_factory=list)
+    machine: MachineSpeed | None = None  # None: a build has no speed probe (schema 3 and older)
 
     @property
     def regressions(self) -> list[Row]:

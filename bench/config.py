@@ -177,8 +177,9 @@ class BenchConfig:
     client: ClientConfig
     slo: SloConfig
     results_dir: str
-    baseline_save: str | None  # also keep the run as part of this named baseline
+    baseline_save: str | None  # also keep the run as a session of this named baseline
     baselines_dir: str
+    baseline_keep: int  # sessions a baseline keeps per scenario, the newest
     seed: int
     progress: bool
     telemetry_interval_s: float
@@ -295,6 +296,7 @@ def from_hydra(cfg: DictConfig) -> BenchConfig:
         results_dir=str(_str("results_dir", raw["results_dir"])),
         baseline_save=_str("baseline.save", raw["baseline"]["save"], optional=True),
         baselines_dir=str(_str("baseline.dir", raw["baseline"]["dir"])),
+        baseline_keep=_int("baseline.keep", raw["baseline"]["keep"]),
         seed=_int("seed", raw["seed"], minimum=0),
         progress=bool(raw["progress"]),
         telemetry_interval_s=_float("telemetry.interval_s", raw["telemetry"]["interval_s"]),

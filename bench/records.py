@@ -1,6 +1,7 @@
 """The rows the harness writes, as typed records with their Arrow schemas.
 
-docs/metrics.md documents every column; bump SCHEMA_VERSION with any change to them.
+docs/metrics.md documents every column; bump SCHEMA_VERSION with any change to them, and list
+in bench/store.py what an older version lacks if the store still reads it.
 Times named *_s are seconds on the monotonic clock, relative to the run's `monotonic_origin_s`.
 """
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,11 @@ class RunRecord:
     git_dirty: bool | None
     hardware_key: str
     environment_json: str
+    # The machine's speed (bench.probe.Probe, JSON) before the session's server started and
+    # after it stopped; the same in every row of a run. The after probe is written when the
+    # session ends: null while it runs, and in a session stopped by a signal.
+    probe_before_json: str | None = None
+    probe_after_json: str | None = None
 
 
 @dataclass(frozen=True)

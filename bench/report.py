@@ -26,11 +26,17 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bench import store
-from bench.comparison import Comparison, Metric, Row, Side
+from bench.comparison import INTERLEAVED, Comparison, MachineSpeed, Metric, Row, Side
 from bench.environment import versions
 from bench.figures import Build, all_figures
 from bench.levels import LevelStats, level_stats
-from bench.stats import MIN_REPEATS, Verdict, min_samples_for_quantile
+from bench.stats import (
+    MIN_MW_SAMPLES,
+    MIN_REPEATS,
+    Verdict,
+    min_samples_for_quantile,
+    session_sd_family,
+)
 
 # ---- blocks ------------------------------------------------------------------------------
 
@@ -250,6 +256,11 @@ def _p(p: float | None) -> str:
 _VERDICT: dict[Verdict, str] = {"better": "better ✅", "worse": "worse ❌", "~": "~"}
 
 
+def _verdict(r: Row) -> str:
+    """The row's verdict; "~*" where the machine's own change of speed took it (drift_rule)."""
+    return _VERDICT[r.verdict] + ("*" if r.note else "")
+
+
 def verdict_rule(c: Comparison) -> str:
     """What the verdicts mean at this comparison's alpha and noise threshold (the rule of
     `stats.verdict`), in one wording for the reports and the console."""
@@ -258,6 +269,34 @@ def verdict_rule(c: Comparison) -> str:
         f"±{c.threshold * 100:g}% noise threshold; ~: not significant, within the threshold, "
         "or too few runs to test"
     )
+
+
+def drift_rule(c: Comparison) -> str:
+    """What the machine's own change of speed did to the verdicts (bench.compare's
+    `_within_machine_drift`), in one wording for the reports and the console; "" without
+    speed probes."""
+    if c.machine is None:
+        return ""
+    return (
+        f"a verdict also needs the change's interval beyond the machine's own change of speed, "
+        f"±{c.machine.drift:.1%} ({c.machine.cause}, by the speed probe); ~*: significant but "
+        "within it, so it cannot be told from the machine"
+    )
+
+
+def probe_cells(m: MachineSpeed) -> tuple[str, str, str]:
+    """The speed probe's figures of each build (the candidate's with its ratio to the
+    baseline's), and how much the machine's speed moved, in words."""
+    base = " · ".join(f"{f.label} {_num(f.baseline)} {f.unit}" for f in m.figures)
+    cand = " · ".join(f"{f.label} {_num(f.candidate)} {f.unit} (×{f.ratio:.3f})" for f in m.figures)
+    shown = [f.label for f in m.figures if not f.gates]
+    moved = (
+        f"drift ±{m.drift:.1%} ({m.cause}): between the builds ±{m.between:.1%}, before → after "
+        f"±{m.within[0]:.1%} (baseline) and ±{m.within[1]:.1%} (candidate)"
+    )
+    if shown:
+        moved += f"; {', '.join(shown)} shown only (not what the engine runs on)"
+    return base, cand, moved
 
 
 def _metric(m: Metric) -> str:
@@ -345,6 +384,13 @@ def _sides_table(c: Comparison) -> Table:
         ["started", _time(b.started_at) + _earlier(b, k), _time(k.started_at)],
         ["run directories", str(len(b.run_dirs)), str(len(k.run_dirs))],
     ]
+    if c.machine is not None:
+        m = c.machine
+        base, cand, _ = probe_cells(m)
+        rows.append(["machine speed (probe)", base, cand])
+        within = [f"±{x:.1%} before → after" for x in m.within]
+        within[1] += f"; ±{m.between:.1%} from the baseline's"
+        rows.append(["machine speed drift", *within])
     return Table(["", b.label, k.label], rows, text_columns=3)
 
 
@@ -357,24 +403,26 @@ def _row_cells(r: Row) -> list[str]:
 
 def _compact_table(c: Comparison) -> Table:
     rows = [
-        r for r in c.rows if r.verdict != "~" or r.regression or r.metric.column in _KEY_COLUMNS
+        r
+        for r in c.rows
+        if r.verdict != "~" or r.regression or r.note or r.metric.column in _KEY_COLUMNS
     ]
     header = ["level", "metric", c.baseline.label, c.candidate.label, "Δ [CI]", "p (adj.)"]
     header.append("verdict")
-    cells = [[*_row_cells(r), _p(r.p_adjusted), _VERDICT[r.verdict]] for r in rows]
+    cells = [[*_row_cells(r), _p(r.p_adjusted), _verdict(r)] for r in rows]
     return Table(header, cells, [r.regression for r in rows])
 
 
 def _full_table(c: Comparison) -> Table:
     header = ["level", "metric", c.baseline.label, c.candidate.label, "Δ [CI]", "runs"]
-    header += ["p Welch", "p Mann-Whitney", "p (adj.)", "gate", "verdict"]
+    header += ["p t-test", "p Mann-Whitney", "p (adj.)", "gate", "verdict"]
     cells = []
     for r in c.rows:
         t = r.test
         # The test's counts are of the values it used (NaN dropped); without a test, all.
         runs = f"{t.n_baseline}/{t.n_candidate}" if t else f"{len(r.baseline)}/{len(r.candidate)}"
         tests = ["–", "–"] if t is None else [_p(t.p_welch), _p(t.p_mannwhitney)]
-        verdict = _VERDICT[r.verdict] + (" (fails gate)" if r.regression else "")
+        verdict = _verdict(r) + (" (fails gate)" if r.regression else "")
         cells.append([*_row_cells(r), runs, *tests, _p(r.p_adjusted), f"{r.gate:.0%}", verdict])
     return Table(header, cells, [r.regression for r in c.rows])
 
@@ -409,6 +457,54 @@ def _geomean_table(c: Comparison) -> Table:
     return Table(["metric", ratio, "Δ"], cells, text_columns=1)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def _method_bullets(c: Comparison, tested: int) -> list[str]:
+    """How the builds were measured (mode) and tested (test, method), from the rows' tests."""
+    tests = [r.test for r in c.rows if r.test is not None]
+    b, k = c.baseline.sessions, c.candidate.sessions
+    if c.mode == INTERLEAVED:
+        mode = f"mode: {c.mode}, {_count(k, 'round')}"
+    else:
+        mode = f"mode: {c.mode}, {_count(b, 'session')}"
+        mode += f" (candidate: {_count(k, 'session')})" if k != 1 else ""
+    kinds = []
+    if any(t.sessions is None for t in tests):
+        kinds.append("Welch on per-run values (log scale)")
+    measured = [t.sessions for t in tests if t.sessions and t.default_session_sd is None]
+    if measured and all(cand == 1 for _, cand in measured):
+        kinds.append(
+            "candidate session vs the baseline's sessions (prediction interval, between-session "
+            "spread estimated)"
+        )
+    elif measured:
+        kinds.append("Student's t on both builds' session means (between-session spread estimated)")
+    defaults = {
+        session_sd_family(r.metric.column): r.test.default_session_sd
+        for r in c.rows
+        if r.test is not None and r.test.default_session_sd is not None
+    }
+    if defaults:
+        used = ", ".join(f"{sd * 100:.3g}% ({family})" for family, sd in defaults.items())
+        kinds.append(
+            "candidate session vs baseline session; between-session noise not measured for this "
+            f"baseline: default of {used} used (a baseline of several sessions measures it)"
+        )
+    if any(t.p_mannwhitney is not None for t in tests):
+        check = "Mann-Whitney U as a check"
+    elif any(t.sessions for t in tests):
+        check = f"Mann-Whitney U skipped: it needs {MIN_MW_SAMPLES} sessions per side"
+    else:
+        check = f"Mann-Whitney U skipped: it needs {MIN_MW_SAMPLES} runs per side"
+    method = (
+        f"Holm-Bonferroni across {tested} comparisons, alpha {c.alpha:g}, noise threshold "
+        f"{c.threshold * 100:g}%; {check}."
+    )
+    return [mode, "test: " + "; ".join(kinds or ["none (too few values)"]), f"method: {method}"]
+
+
 def _comparison_blocks(c: Comparison, figures: dict[str, Path], out_dir: Path) -> list[Block]:
     counts = c.counts()
     tested = sum(math.isfinite(r.p_adjusted) for r in c.rows)
@@ -434,19 +530,16 @@ def _comparison_blocks(c: Comparison, figures: dict[str, Path], out_dir: Path) -
             strong=True,
         )
     )
-    method = (
-        f"Welch's t-test on log per-run values, Holm-Bonferroni across {tested} comparisons, "
-        f"alpha {c.alpha:g}, noise threshold {c.threshold * 100:g}%; Mann-Whitney U as a check."
-    )
     blocks += [
         _sides_table(c),
-        Bullets([f"mode: {c.mode}", f"method: {method}"]),
+        Bullets(_method_bullets(c, tested)),
         Heading("Changes, and throughput and TTFT at every level"),
         _compact_table(c),
         Para(
             "Values are geometric means of the runs' own values (load time: of the server "
             "starts); Δ is their ratio as a change, with its confidence interval; p is adjusted "
-            f"for the number of comparisons. {verdict_rule(c)}.",
+            f"for the number of comparisons. {verdict_rule(c)}"
+            + (f"; {drift_rule(c)}." if c.machine is not None else "."),
             small=True,
         ),
     ]

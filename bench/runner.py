@@ -1,7 +1,9 @@
 """One benchmark run: target up, warm-up, every repeat of every load level, records down.
 
 Repeats are the outer loop (repeat 0 of every level, then repeat 1, ...), so slow drift of the
-machine spreads over all levels instead of biasing the last one.
+machine spreads over all levels instead of biasing the last one. The machine's speed is probed
+(bench/probe.py) before the server starts and after it stops, outside every measured level,
+and stored with each run row.
 
 Ctrl-C, SIGTERM and SIGHUP stop a run early and alike (bench/stop_signals.py): what finished is
 kept and the run is partial; one that had measured nothing raises Interrupted.
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench import client, environment, metrics, workload
+from bench import client, environment, metrics, probe, workload
 from bench.config import BenchConfig, LoadLevel, WorkloadConfig
 from bench.load import LagMonitor, LevelOutcome, run_level
 from bench.progress import LiveProgress
@@ -148,8 +150,11 @@ def _prompt_ids(
 class _Run:
     """The state shared by the levels of one run."""
 
-    def __init__(self, cfg: BenchConfig, server: Server, sampler: Sampler) -> None:
+    def __init__(
+        self, cfg: BenchConfig, server: Server, sampler: Sampler, before: probe.Probe
+    ) -> None:
         self.cfg, self.server, self.sampler = cfg, server, sampler
+        self.probe_before = before
         self.tokenizer = _tokenizer(cfg.target.tokenizer)
         text = cfg.workload.prompt_format == "text" or (
             cfg.workload.prompt_format == "auto" and cfg.target.endpoint == "chat"
@@ -254,6 +259,8 @@ class _Run:
             git_dirty=self.env.git_dirty,
             hardware_key=self.env.hardware_key(),
             environment_json=self.env.to_json(),
+            probe_before_json=self.probe_before.to_json(),
+            probe_after_json=None,  # set when the session ends (_run)
         )
 
     def telemetry_samples(self, samples: list[Sample]) -> None:
@@ -372,14 +379,16 @@ def run(cfg: BenchConfig) -> RunResult:
 
 
 def _run(cfg: BenchConfig, signals: StopSignals, total: int) -> RunResult:
+    before = probe.measure()  # before the server exists: nothing else of the run competes
     with serve(cfg.target) as server:
         pids = [server.process.pid] if server.process else []
         metrics_url = f"{server.base_url}/metrics" if cfg.scrape_server_metrics else None
         with Sampler(cfg.telemetry_interval_s, pids, metrics_url) as sampler:
-            state = _Run(cfg, server, sampler)
+            state = _Run(cfg, server, sampler, before)
             try:
                 with LiveProgress(total, cfg.progress) as progress:
                     progress.log(f"run {state.run_id}: writing to {state.store.dir}")
+                    progress.log(f"machine speed: {before.summary()}")
                     reason = asyncio.run(signals.measure(_measure(state, progress)))
             except Interrupted as exc:  # the signal came before the event loop ran `measure`
                 reason = str(exc)
@@ -390,6 +399,13 @@ def _run(cfg: BenchConfig, signals: StopSignals, total: int) -> RunResult:
                     state.store.flush()
     if reason is not None and reason == signals.reason and not state.store.requests:
         raise Interrupted(reason)
+    if state.store.runs and signals.reason is None:  # a signal asks to stop, not to probe
+        # The server has stopped, so the after probe sees the machine as the before probe did.
+        after = probe.measure().to_json()
+        state.store.runs = [
+            dataclasses.replace(r, probe_after_json=after) for r in state.store.runs
+        ]
+        state.store.flush()
     return RunResult(
         state.store.dir,
         "complete" if reason is None else "partial",

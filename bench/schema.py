@@ -72,6 +72,7 @@ class RuntimeSchema:
 class BaselineSchema:
     save: str | None
     dir: str
+    keep: int
 
 
 @dataclass

@@ -1,14 +1,20 @@
 """Statistics for A/B comparisons: did a change make serving faster or slower?
 
-The method follows benchstat. The unit of evidence is one run (one repeat of one load level):
+The method follows benchstat. The value compared is one run's (one repeat of one load level):
 requests within a run share the server's state, so they are not independent samples of the
-change; runs are. Per-run values (throughput, a run's p50 TTFT, ...) are compared on a log
-scale, because performance changes are multiplicative ("20% slower") and run-to-run noise is
-roughly proportional to the level:
+change. Runs are, when both builds ran interleaved in one invocation; against a baseline stored
+from earlier invocations (sessions), the repeats of one session share the machine's state of
+those minutes, and the sessions are the samples. Per-run values (throughput, a run's p50
+TTFT, ...) are compared on a log scale, because performance changes are multiplicative ("20%
+slower") and run-to-run noise is roughly proportional to the level:
 
 - `ratio_test`: ratio of geometric means (candidate / baseline), its Welch t interval and
   Welch's t-test on the log values, plus benchstat's rank test (Mann-Whitney U) as a check
   that needs no normality;
+- `session_ratio_test`: the same ratio, tested against the spread between sessions (separate
+  invocations of the harness) rather than between runs, for a stored baseline: repeats of one
+  session share the machine's state, and a machine that moves between sessions moves all of
+  them together;
 - `holm`: comparing many metrics at once inflates false alarms; Holm's step-down adjustment
   keeps the family-wise error rate at alpha without assuming independence between metrics;
 - `verdict`: "better" / "worse" only when the change is both significant and larger than a
@@ -33,6 +39,7 @@ Edge cases, one rule each:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,12 +67,19 @@ MIN_MW_SAMPLES = 4
 @dataclass(frozen=True)
 class RatioTest:
     ratio: float  # candidate / baseline: exp(mean(log c) - mean(log b)), a ratio of geomeans
-    ci_low: float  # Welch t interval on the log difference, back-transformed; nan if n < 2
+    ci_low: float  # t interval on the log difference, back-transformed; nan if untestable
     ci_high: float
-    p_welch: float  # two-sided Welch's t-test on log values; nan if a side has n < 2
+    # Two-sided t-test on log values: Welch's on per-run values, or, where `sessions` is set,
+    # the session test's (session_ratio_test); nan where a side has too few values.
+    p_welch: float
     p_mannwhitney: float | None  # two-sided Mann-Whitney U; None below MIN_MW_SAMPLES
     n_baseline: int  # values used, after dropping NaN
     n_candidate: int
+    # Session test only: sessions per side (baseline, candidate), and the between-session
+    # standard deviation of log values assumed because neither side had two sessions to
+    # measure it (None where it was measured).
+    sessions: tuple[int, int] | None = None
+    default_session_sd: float | None = None
 
 
 Verdict = Literal["better", "worse", "~"]
@@ -162,6 +176,111 @@ def ratio_test(
     half = float(sps.t.ppf(0.5 + confidence / 2.0, df)) * se
     p = 2.0 * float(sps.t.sf(abs(diff) / se, df))
     return RatioTest(ratio, math.exp(diff - half), math.exp(diff + half), min(p, 1.0), p_mw, nb, nc)
+
+
+# How far a session's mean of log per-run values moves between sessions on one machine, its
+# within-session error taken out (sqrt(var of session means - mean of within var / n)), per
+# metric family: the default where a comparison's sessions cannot measure it (one a side).
+# Measured with benchmarks/session_noise.py over 8 A/A sessions of the bundled engine
+# (concurrency 1 and 4, 3 repeats of 16 requests) on a quiet 2-vCPU VM (AMD EPYC), docs/perf.md
+# "Between-session noise": medians 3.3%, 4.4%, 6.5%, 4.9%, largest 4.8%, 15.9%, 11.9%, 4.9%;
+# each default lies between the two. A machine shared with other work moves far more (there:
+# 22%, 6%, 40%, 9%), which the speed probe shows; a baseline of several sessions measures its
+# own spread instead.
+SESSION_SD_DEFAULTS = {
+    "throughput": 0.05,  # output and request throughput
+    "p50 latency": 0.07,  # TTFT, TPOT, ITL, E2E p50
+    "p99 latency": 0.12,  # TTFT, TPOT, ITL, E2E p99
+    "load time": 0.05,  # one server start per session
+}
+
+
+def session_sd_family(column: str) -> str:
+    """The SESSION_SD_DEFAULTS family of a runs.parquet column."""
+    if column.endswith("_throughput"):
+        return "throughput"
+    if column == "load_time_s":
+        return "load time"
+    return "p99 latency" if column.endswith(("_p90", "_p99")) else "p50 latency"
+
+
+def session_ratio_test(
+    baseline: Sequence[Sequence[float]],
+    candidate: Sequence[Sequence[float]],
+    default_sd: float,
+    confidence: float = 0.95,
+) -> RatioTest:
+    """Compare per-run values grouped by session, testing against the spread between sessions.
+
+    Each session's mean of its log values is one observation. The ratio is the same as
+    `ratio_test`'s (of the geometric means of all runs), so it matches the values shown.
+
+    With at least 3 sessions in all (k_b + k_c - 2 >= 1 degrees of freedom), the
+    between-session variance is estimated from the session means of both sides, pooled (a
+    property of the machine, so one variance for both builds); it includes the sessions'
+    within-session error. The test is Student's t on session means:
+    t = (mean_c - mean_b) / (s * sqrt(1/k_b + 1/k_c)), df = k_b + k_c - 2. With one candidate
+    session this is the prediction-interval test: is the new session within what the
+    baseline's sessions spread over? t = (c - mean_b) / (s_b * sqrt(1 + 1/k_b)), df = k_b - 1.
+    Few sessions give few degrees of freedom and a wide interval (t_0.975 is 12.7 at df 1,
+    4.3 at 2, 2.8 at 4): honest, since a spread measured from 2 sessions is barely known.
+
+    With one session per side the between-session spread is unknown: `default_sd` (a
+    standard deviation of a session's mean log value, SESSION_SD_DEFAULTS) stands in for it.
+    The difference of two sessions carries two session effects and both sides' within-session
+    standard errors: se^2 = 2 default_sd^2 + var_b / n_b + var_c / n_c, with
+    Welch-Satterthwaite degrees of freedom that count the default as known. A side of one run
+    adds no within-session term (load time: one server start per session).
+
+    Mann-Whitney U runs on the session means where each side has MIN_MW_SAMPLES of them; with
+    fewer (one candidate session) it cannot reject and is None. Zero spread on both sides
+    follows `ratio_test`'s zero-noise limit.
+    """
+    _check_level(confidence, "confidence")
+    if not default_sd >= 0.0:
+        raise ValueError(f"default_sd is a standard deviation and must be >= 0, got {default_sd}")
+    b = [np.log(x) for x in _runs(baseline, "baseline")]
+    c = [np.log(x) for x in _runs(candidate, "candidate")]
+    kb, kc = len(b), len(c)
+    b_all, c_all = np.concatenate(b), np.concatenate(c)
+    nb, nc = b_all.size, c_all.size
+    diff = float(c_all.mean() - b_all.mean())
+    ratio = math.exp(diff)
+    mb = np.array([x.mean() for x in b])
+    mc = np.array([x.mean() for x in c])
+
+    p_mw: float | None = None
+    if min(kb, kc) >= MIN_MW_SAMPLES:
+        all_equal = float(np.ptp(np.concatenate([mb, mc]))) == 0.0
+        p_mw = 1.0 if all_equal else float(sps.mannwhitneyu(mc, mb, alternative="two-sided").pvalue)
+
+    default: float | None = None
+    df = float(kb + kc - 2)
+    if df >= 1:
+        ss = float(((mb - mb.mean()) ** 2).sum() + ((mc - mc.mean()) ** 2).sum())
+        var = ss / df * (1.0 / kb + 1.0 / kc)
+    else:
+        default = default_sd
+        vb = float(b_all.var(ddof=1)) / nb if nb > 1 else 0.0
+        vc = float(c_all.var(ddof=1)) / nc if nc > 1 else 0.0
+        var = 2.0 * default_sd**2 + vb + vc
+        within = (vb**2 / (nb - 1) if nb > 1 else 0.0) + (vc**2 / (nc - 1) if nc > 1 else 0.0)
+        df = var**2 / within if within > 0.0 else math.inf
+    test = functools.partial(
+        RatioTest,
+        ratio,
+        p_mannwhitney=p_mw,
+        n_baseline=nb,
+        n_candidate=nc,
+        sessions=(kb, kc),
+        default_session_sd=default,
+    )
+    if var == 0.0:  # no spread anywhere: the zero-noise limit, as in ratio_test
+        return test(ratio, ratio, p_welch=1.0 if diff == 0.0 else 0.0)
+    se = math.sqrt(var)
+    half = float(sps.t.ppf(0.5 + confidence / 2.0, df)) * se
+    p = min(2.0 * float(sps.t.sf(abs(diff) / se, df)), 1.0)
+    return test(math.exp(diff - half), math.exp(diff + half), p_welch=p)
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

@@ -32,6 +32,11 @@ from bench.records import (
 )
 
 _METADATA = {b"bench.schema_version": str(SCHEMA_VERSION).encode()}
+# Older versions this harness still reads, with the columns each lacks per file: they read
+# back as nulls. Version 4 added the speed probes to runs.parquet.
+_MISSING_COLUMNS: dict[int, dict[str, tuple[str, ...]]] = {
+    3: {"runs": ("probe_before_json", "probe_after_json")},
+}
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
@@ -62,19 +67,24 @@ class StoredRun:
 
 
 def load(run_dir: str | Path) -> StoredRun:
-    """Read a run back; refuses files written under another schema version."""
+    """Read a run back, a column that an older readable version lacks as nulls; refuses files
+    written under any other schema version."""
     run_dir = Path(run_dir)
     frames: dict[str, Any] = {}
+    readable = [*_MISSING_COLUMNS, SCHEMA_VERSION]
     for name in ("requests", "runs", "telemetry"):
         path = run_dir / f"{name}.parquet"
         meta = pq.read_schema(path).metadata or {}
         version = meta.get(b"bench.schema_version", b"?").decode()
-        if version != str(SCHEMA_VERSION):
+        if version not in map(str, readable):
             raise ValueError(
-                f"{path} has schema version {version}; this harness reads version "
-                f"{SCHEMA_VERSION} (docs/metrics.md lists the changes)"
+                f"{path} has schema version {version}; this harness reads versions "
+                f"{', '.join(map(str, readable))} (docs/metrics.md lists the changes)"
             )
-        frames[name] = pd.read_parquet(path)
+        frame = pd.read_parquet(path)
+        for column in _MISSING_COLUMNS.get(int(version), {}).get(name, ()):
+            frame[column] = None
+        frames[name] = frame
     return StoredRun(**frames)
 
 

@@ -91,22 +91,28 @@ def test_a_20_percent_slowdown_is_a_regression_and_fails_the_gate(
 ) -> None:
     base = _variant(real_run, tmp_path / "base", _slower(1.0, seed=1))
     slow = _variant(real_run, tmp_path / "slow", _slower(1.2, seed=2))
-    assert _main(f"baseline={base}", f"candidate={slow}") == compare.EXIT_REGRESSION
+    # One stored session a side: tested against the default spread between sessions, which
+    # a 20% slowdown does not clear; three times slower does.
+    much_slower = _variant(real_run, tmp_path / "much", _slower(3.0, seed=4))
+    assert _main(f"baseline={base}", f"candidate={slow}") == 0
+    assert _main(f"baseline={base}", f"candidate={much_slower}") == compare.EXIT_REGRESSION
+    # Runs measured interleaved are tested per run: the 20% slowdown is a regression.
     loaded = [
         compare.load_side(n, str(d), [d]) for n, d in (("baseline", base), ("candidate", slow))
     ]
-    result = compare.compare(*loaded, mode="stored baseline")
+    result = compare.compare(*loaded, mode=compare.INTERLEAVED)
     verdicts = {r.metric.column: r.verdict for r in result.rows if r.test is not None}
     assert verdicts["output_throughput"] == "worse" and verdicts["ttft_ms_p50"] == "worse"
     assert {r.metric.column for r in result.regressions} >= {"output_throughput", "e2e_ms_p50"}
     ttft = next(r for r in result.rows if r.metric.column == "ttft_ms_p50")
     assert ttft.test is not None and ttft.test.ci_low < 1.2 < ttft.test.ci_high
     # A gate wider than the change lets that metric through; the others still fail.
-    wide = compare.compare(*loaded, mode="stored baseline", gate={"ttft_ms_p50": 0.5})
+    wide = compare.compare(*loaded, mode=compare.INTERLEAVED, gate={"ttft_ms_p50": 0.5})
     assert "ttft_ms_p50" not in {r.metric.column for r in wide.regressions}
     assert wide.regressions
     # The faster build, compared the other way round, improves and passes.
-    assert _main(f"baseline={slow}", f"candidate={base}") == 0
+    capsys.readouterr()
+    assert _main(f"baseline={much_slower}", f"candidate={base}") == 0
     assert "better" in capsys.readouterr().out
 
 
@@ -163,13 +169,13 @@ def test_bad_arguments_name_the_problem(
 
 
 @pytest.mark.slow
-def test_a_baseline_keeps_one_run_per_scenario_and_is_found_by_name(
+def test_a_baseline_keeps_each_saved_session_and_is_found_by_name(
     real_run: Path, tmp_path: Path
 ) -> None:
     root = tmp_path / "baselines"
     first = _variant(real_run, tmp_path / "first", _slower(1.0))
     second = _variant(real_run, tmp_path / "second", _slower(1.0))
-    for frame_dir in (second,):  # the second saving must replace the first (same scenario)
+    for frame_dir in (second,):  # the second saving adds a session beside the first
         table = pq.read_table(frame_dir / "runs.parquet")
         runs = table.to_pandas()
         runs["run_id"] = "second-run"
@@ -177,15 +183,16 @@ def test_a_baseline_keeps_one_run_per_scenario_and_is_found_by_name(
         pq.write_table(
             fresh.replace_schema_metadata(table.schema.metadata), frame_dir / "runs.parquet"
         )
-    baseline.save(first, "main", root)
-    home = baseline.save(second, "main", root)
+    baseline.save(first, "main", root, keep=5)
+    home = baseline.save(second, "main", root, keep=5)
     manifest = json.loads((home / "manifest.json").read_text())
-    assert [e["run_id"] for e in manifest["runs"]] == ["second-run"]
-    assert manifest["runs"][0]["scenario"] == "short_qa"
-    assert baseline.run_dirs("main", root) == [home / "second-run"]
+    first_id = real_run.name
+    assert [e["run_id"] for e in manifest["runs"]] == [first_id, "second-run"]
+    assert {e["scenario"] for e in manifest["runs"]} == {"short_qa"}
+    assert sorted(baseline.run_dirs("main", root)) == sorted([home / first_id, home / "second-run"])
     assert _main("baseline=main", f"candidate={real_run}", f"baselines_dir={root}") == 0
     with pytest.raises(ValueError, match="plain name"):
-        baseline.save(first, "../evil", root)
+        baseline.save(first, "../evil", root, keep=5)
 
 
 @pytest.mark.slow
@@ -194,11 +201,11 @@ def test_saving_into_a_baseline_whose_manifest_predates_kernels_works(
 ) -> None:
     # A manifest written before schema 3 has no "kernels" in its entries: saving the new run
     # of another scenario beside them must not fail on it.
-    home = baseline.save(real_run, "main", tmp_path)
+    home = baseline.save(real_run, "main", tmp_path, keep=5)
     manifest = json.loads((home / "manifest.json").read_text())
     old = {k: v for k, v in manifest["runs"][0].items() if k != "kernels"}
     (home / "manifest.json").write_text(json.dumps({**manifest, "runs": [old]}))
-    again = baseline.save(real_run, "main", tmp_path)
+    again = baseline.save(real_run, "main", tmp_path, keep=5)
     assert "kernels" in json.loads((again / "manifest.json").read_text())["runs"][0]
 
 
@@ -368,7 +375,7 @@ def test_a_baseline_recorded_without_a_machine_identity_is_refused_with_how_to_r
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = tmp_path / "baselines"
-    baseline.save(_stored(tmp_path, "old", _environment(None)), "main", root)
+    baseline.save(_stored(tmp_path, "old", _environment(None)), "main", root, keep=5)
     cand = _stored(tmp_path, "cand", _environment(AVX2))
     code = _main("baseline=main", f"candidate={cand}", f"baselines_dir={root}")
     assert code == compare.EXIT_UNUSABLE
@@ -470,3 +477,118 @@ def test_differing_package_versions_are_a_warning_not_a_refusal(tmp_path: Path) 
     result = compare.compare(base, cand, mode="stored baseline")
     (warning,) = [w for w in result.warnings if w.startswith("software versions differ")]
     assert warning.endswith(": torch 2.5.1+cpu vs 2.6.0+cpu")
+
+
+# ---- sessions: a stored baseline is tested against the spread between its sessions --------
+
+_DEFAULT_RUN = run_record()
+
+
+def _session(root: Path, run_id: str, shift: float, repeats: int = 3) -> Path:
+    """One session (a run directory) of one level: every metric moved by `shift` (latencies
+    and load time times it, throughputs divided by it), its repeats 0.5% apart."""
+    environment = _environment(AVX2)
+    out = RunStore(root, run_id)
+    for r in range(repeats):
+        moved = shift * (1.0 + 0.005 * (r - 1))
+        values = {
+            m.column: getattr(_DEFAULT_RUN, m.column) * (1 / moved if m.higher_is_better else moved)
+            for m in compare.METRICS
+        }
+        out.runs.append(run_record(
+            run_id=run_id, repeat=r, load_time_s=3.0 * shift, environment_json=environment,
+            hardware_key="AMD EPYC x2 (avx2); no GPU", **values,
+        ))  # fmt: skip
+        out.requests.append(request_record(run_id=run_id, repeat=r))
+    out.flush()
+    return out.dir
+
+
+def _sides(
+    tmp_path: Path, base_shifts: list[float], cand_shifts: list[float], repeats: int = 3
+) -> tuple[compare.Loaded, compare.Loaded]:
+    sides = []
+    for label, shifts in (("baseline", base_shifts), ("candidate", cand_shifts)):
+        dirs = [
+            _session(tmp_path / label, f"{label}-{i}", s, repeats) for i, s in enumerate(shifts)
+        ]
+        sides.append(compare.load_side(label, label, dirs))
+    return sides[0], sides[1]
+
+
+def _bullets(result: Comparison, tmp_path: Path) -> list[str]:
+    """The report's bullets under its first table: mode, test and method."""
+    md = report.markdown(report._comparison_blocks(result, {}, tmp_path))
+    return [line[2:] for line in md.splitlines() if line.startswith("- ")]
+
+
+# A/A: the same build in 5 baseline sessions and 1 candidate session; the machine moved each
+# session by up to 10%, and repeats within a session agree to 0.5%.
+AA_BASELINE, AA_CANDIDATE = [1.10, 0.90, 1.10, 0.90, 1.0], [0.90]
+
+
+def test_a_shift_between_sessions_is_a_change_per_run_but_not_against_the_sessions(
+    tmp_path: Path,
+) -> None:
+    base, cand = _sides(tmp_path, AA_BASELINE, AA_CANDIDATE)
+    per_run = compare.compare(base, cand, mode=compare.INTERLEAVED)
+    per_session = compare.compare(base, cand, mode=compare.STORED)
+    assert per_run.counts()["better"] == len(compare.METRICS)  # each a false alarm
+    assert per_session.counts() == {"better": 0, "worse": 0, "~": len(per_session.rows)}
+    e2e = next(r for r in per_session.rows if r.metric.column == "e2e_ms_p99")
+    assert e2e.test is not None and e2e.test.sessions == (5, 1)
+    assert e2e.test.ci_low < 1.0 < e2e.test.ci_high
+
+
+def test_a_30_percent_slowdown_beyond_the_spread_between_sessions_is_worse(
+    tmp_path: Path,
+) -> None:
+    base, cand = _sides(tmp_path, [1.03, 0.97, 1.03, 0.97, 1.0], [1.3])
+    result = compare.compare(base, cand, mode=compare.STORED)
+    verdicts = {r.metric.column: r.verdict for r in result.rows if r.level is not None}
+    assert set(verdicts.values()) == {"worse"}
+    assert {r.metric.column for r in result.regressions} >= {"output_throughput", "e2e_ms_p99"}
+
+
+def test_a_stored_baseline_of_several_sessions_reports_the_session_test(tmp_path: Path) -> None:
+    result = compare.compare(*_sides(tmp_path, AA_BASELINE, AA_CANDIDATE), mode=compare.STORED)
+    mode, test, method = _bullets(result, tmp_path)[:3]
+    assert mode == "mode: stored baseline, 5 sessions"
+    assert test == (
+        "test: candidate session vs the baseline's sessions (prediction interval, "
+        "between-session spread estimated)"
+    )
+    assert "Mann-Whitney U skipped: it needs 4 sessions per side" in method
+
+
+def test_one_session_a_side_uses_the_default_spread_and_the_report_says_so(
+    tmp_path: Path,
+) -> None:
+    result = compare.compare(*_sides(tmp_path, [1.0], [1.02]), mode=compare.STORED)
+    for row in result.rows:
+        assert row.test is not None and row.test.sessions == (1, 1)
+        family = stats.session_sd_family(row.metric.column)
+        assert row.test.default_session_sd == stats.SESSION_SD_DEFAULTS[family]
+    mode, test = _bullets(result, tmp_path)[:2]
+    assert mode == "mode: stored baseline, 1 session"
+    assert "between-session noise not measured for this baseline: default of" in test
+    p99 = stats.SESSION_SD_DEFAULTS["p99 latency"]
+    assert f"{p99 * 100:.3g}% (p99 latency)" in test
+
+
+def test_interleaved_mode_tests_per_run_and_the_report_says_so(tmp_path: Path) -> None:
+    rounds = [1.0, 1.01, 0.99, 1.0, 1.01]
+    base, cand = _sides(tmp_path, rounds, rounds, repeats=1)
+    result = compare.compare(base, cand, mode=compare.INTERLEAVED)
+    assert all(r.test is not None and r.test.sessions is None for r in result.rows)
+    mode, test, method = _bullets(result, tmp_path)[:3]
+    assert mode == "mode: interleaved, 5 rounds"
+    assert test == "test: Welch on per-run values (log scale)"
+    assert "Mann-Whitney U as a check" in method
+
+
+def test_two_sessions_in_all_warn_that_the_spread_between_them_is_barely_known(
+    tmp_path: Path,
+) -> None:
+    result = compare.compare(*_sides(tmp_path, [1.0, 1.02], [1.0]), mode=compare.STORED)
+    assert any("rests on 2 baseline and 1 candidate sessions" in w for w in result.warnings)

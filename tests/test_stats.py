@@ -19,6 +19,8 @@ from bench.stats import (
     mann_whitney_min_p,
     min_samples_for_quantile,
     ratio_test,
+    session_ratio_test,
+    session_sd_family,
     verdict,
 )
 
@@ -378,3 +380,102 @@ def test_geomean() -> None:
 def test_geomean_of_a_zero_raises() -> None:
     with pytest.raises(ValueError, match="> 0"):
         geomean([0.0, 1.0])
+
+
+# session_ratio_test
+
+
+def _sessions(rng: np.random.Generator, shifts: list[float], repeats: int = 3) -> list[list[float]]:
+    """Per-run values of sessions around 100, each moved by its shift, repeats 1% apart."""
+    return [list(100.0 * shift * rng.lognormal(0.0, 0.01, repeats)) for shift in shifts]
+
+
+def test_a_candidate_session_is_tested_against_the_spread_of_the_baseline_sessions() -> None:
+    base = [[90.0, 91.0], [100.0, 101.0], [110.0, 111.0]]
+    cand = [[120.0, 121.0]]
+    r = session_ratio_test(base, cand, default_sd=0.5)
+    logs = [np.log(s) for s in base]
+    means = np.array([m.mean() for m in logs])
+    diff = np.log(cand[0]).mean() - np.concatenate(logs).mean()
+    # The prediction-interval test: one new observation against k = 3 earlier ones, df = k - 1.
+    t = diff / (means.std(ddof=1) * math.sqrt(1 + 1 / 3))
+    assert r.p_welch == pytest.approx(2 * sps.t.sf(abs(t), 2))
+    assert r.ratio == pytest.approx(math.exp(diff))
+    half = sps.t.ppf(0.975, 2) * means.std(ddof=1) * math.sqrt(1 + 1 / 3)
+    assert (r.ci_low, r.ci_high) == pytest.approx((math.exp(diff - half), math.exp(diff + half)))
+    assert r.sessions == (3, 1) and r.default_session_sd is None
+    assert (r.n_baseline, r.n_candidate) == (6, 2)
+
+
+def test_a_session_shift_within_the_baseline_spread_is_not_significant_but_welch_calls_it() -> None:
+    rng = np.random.default_rng(0)
+    base = _sessions(rng, [1.10, 0.90, 1.10, 0.90, 1.0])
+    cand = _sessions(rng, [0.90])
+    per_run = ratio_test([v for s in base for v in s], cand[0])
+    per_session = session_ratio_test(base, cand, default_sd=0.05)
+    assert per_run.p_welch < 0.001  # repeats of one session look like a real change
+    assert per_session.p_welch > 0.2
+    assert per_session.ratio == pytest.approx(per_run.ratio)
+
+
+def test_a_shift_beyond_the_spread_between_sessions_is_significant() -> None:
+    rng = np.random.default_rng(1)
+    r = session_ratio_test(
+        _sessions(rng, [1.03, 0.97, 1.03, 0.97, 1.0]), _sessions(rng, [1.3]), default_sd=0.05
+    )
+    assert r.p_welch < 0.01 and r.ci_low > 1.15
+
+
+def test_one_session_a_side_uses_the_default_spread_with_the_within_session_error() -> None:
+    base, cand = [[100.0, 102.0, 98.0]], [[110.0, 111.0, 109.0]]
+    r = session_ratio_test(base, cand, default_sd=0.05)
+    b, c = np.log(base[0]), np.log(cand[0])
+    vb, vc = b.var(ddof=1) / 3, c.var(ddof=1) / 3
+    se = math.sqrt(2 * 0.05**2 + vb + vc)
+    df = (2 * 0.05**2 + vb + vc) ** 2 / (vb**2 / 2 + vc**2 / 2)
+    assert r.p_welch == pytest.approx(2 * sps.t.sf((c.mean() - b.mean()) / se, df))
+    assert r.sessions == (1, 1) and r.default_session_sd == 0.05
+    # The default is what makes it not significant: without it, three tight repeats would be.
+    assert r.p_welch > 0.05 > ratio_test(base[0], cand[0]).p_welch
+
+
+def test_several_candidate_sessions_pool_the_spread_of_both_builds() -> None:
+    base, cand = [[100.0], [110.0]], [[120.0], [130.0]]
+    r = session_ratio_test(base, cand, default_sd=0.5)
+    ref = sps.ttest_ind(np.log([120.0, 130.0]), np.log([100.0, 110.0]), equal_var=True)
+    assert r.p_welch == pytest.approx(ref.pvalue)
+    assert r.sessions == (2, 2) and r.default_session_sd is None
+
+
+def test_sessions_without_spread_take_the_zero_noise_limit() -> None:
+    same = session_ratio_test([[5.0, 5.0], [5.0]], [[5.0]], default_sd=0.1)
+    moved = session_ratio_test([[5.0, 5.0], [5.0]], [[6.0]], default_sd=0.1)
+    assert (same.p_welch, moved.p_welch) == (1.0, 0.0)
+    assert moved.ci_low == moved.ci_high == pytest.approx(1.2)
+
+
+def test_mann_whitney_needs_several_session_means_per_side() -> None:
+    rng = np.random.default_rng(2)
+    base = _sessions(rng, [1.0, 1.01, 0.99, 1.0])
+    assert session_ratio_test(base, _sessions(rng, [1.5]), default_sd=0.05).p_mannwhitney is None
+    four = session_ratio_test(base, _sessions(rng, [1.5] * 4), default_sd=0.05)
+    assert four.p_mannwhitney == pytest.approx(mann_whitney_min_p(4, 4))
+
+
+def test_a_session_with_a_value_that_is_not_positive_raises() -> None:
+    with pytest.raises(ValueError, match="finite values > 0"):
+        session_ratio_test([[1.0], [0.0]], [[1.0]], default_sd=0.05)
+
+
+@pytest.mark.parametrize(
+    ("column", "family"),
+    [
+        ("output_throughput", "throughput"),
+        ("request_throughput", "throughput"),
+        ("ttft_ms_p50", "p50 latency"),
+        ("itl_ms_p99", "p99 latency"),
+        ("load_time_s", "load time"),
+    ],
+)
+def test_each_compared_metric_has_a_default_spread_family(column: str, family: str) -> None:
+    assert session_sd_family(column) == family

@@ -274,8 +274,8 @@ def verdict_rule(c: Comparison) -> str:
 def drift_rule(c: Comparison) -> str:
     """What the machine's own change of speed did to the verdicts (bench.compare's
     `_within_machine_drift`), in one wording for the reports and the console; "" without
-    speed probes."""
-    if c.machine is None:
+    speed probes, and for interleaved builds, which share the machine's moves."""
+    if c.machine is None or c.mode == INTERLEAVED:
         return ""
     return (
         f"a verdict also needs the change's interval beyond the machine's own change of speed, "

@@ -210,6 +210,7 @@ def test_interleaved_builds_keep_their_verdicts_and_show_the_probes() -> None:
     compare._within_machine_drift(result, *_faster_candidate_machine())
     assert result.rows[0].verdict == "better" and result.rows[0].note is None
     assert result.machine is not None and result.machine.drift == pytest.approx(0.5)
+    assert report.drift_rule(result) == ""  # no drift rule to explain
 
 
 def test_a_regression_within_the_drift_no_longer_fails_the_comparison() -> None:

@@ -93,3 +93,13 @@ def best_of(attempts: int, measure: Callable[[], T], passes: Callable[[T], bool]
             break
         result = measure()
     return result
+
+
+def git(repo: Path, *args: str) -> str:
+    """`git -C repo ARGS...` as a test user without signing; its standard output."""
+    done = subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=test", "-c", "user.email=test@example.com",
+         "-c", "commit.gpgsign=false", *args],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return done.stdout

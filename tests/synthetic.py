@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.comparison import Side
 from bench.records import SCHEMA_VERSION, RequestRecord, RunRecord
 
 
@@ -120,3 +121,20 @@ def run_record(**fields: Any) -> RunRecord:
         "environment_json": "{}",
     }
     return RunRecord(**(base | fields))
+
+
+def side(label: str) -> Side:
+    """One build of a comparison, as compare describes it, with every field set."""
+    return Side(
+        label=label,
+        source=f"results/{label}",
+        run_dirs=[f"results/{label}/r"],
+        model="tiny",
+        target_kind="bundled",
+        engine="",
+        kernels="",
+        git_commit="0123456789abcdef",
+        git_dirty=False,
+        hardware_key="cpu",
+        started_at="2026-01-01T00:00:00+00:00",
+    )

@@ -11,7 +11,6 @@ import dataclasses
 import io
 import json
 import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,14 +23,15 @@ import pytest
 from rich.console import Console
 
 from bench import baseline, compare, report, stats
-from bench.comparison import Comparison, Metric, Row, Side
+from bench.comparison import Comparison, Metric, Row
 from bench.compose import compose
 from bench.environment import Machine
 from bench.levels import Level, level_requests, levels_of
 from bench.runner import run
 from bench.stats import Verdict
 from bench.store import RunStore
-from tests.synthetic import request_record, run_record
+from tests.conftest import git
+from tests.synthetic import request_record, run_record, side
 
 LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 
@@ -250,22 +250,6 @@ def test_a_levels_requests_are_its_runs_not_its_load() -> None:
         assert set(chosen["input_tokens"]) == {level.input_tokens + i for i in range(3)}
 
 
-def _side(label: str) -> Side:
-    return Side(
-        label=label,
-        source=f"results/{label}",
-        run_dirs=[f"results/{label}/r"],
-        model="tiny",
-        target_kind="bundled",
-        engine="",
-        kernels="",
-        git_commit="0123456789abcdef",
-        git_dirty=False,
-        hardware_key="cpu",
-        started_at="2026-01-01T00:00:00+00:00",
-    )
-
-
 def _row(metric: Metric, baseline: list[float], candidate: list[float], verdict: Verdict) -> Row:
     test = stats.ratio_test(baseline, candidate)
     return Row(
@@ -288,8 +272,8 @@ def _console_table(alpha: float, threshold: float, width: int) -> str:
     throughput, ttft = compare.METRICS[0], compare.METRICS[2]
     result = Comparison(
         mode="stored baseline",
-        baseline=_side("baseline"),
-        candidate=_side("candidate"),
+        baseline=side("baseline"),
+        candidate=side("candidate"),
         alpha=alpha,
         threshold=threshold,
         rows=[
@@ -409,15 +393,6 @@ def test_allow_mismatch_compares_other_machines_and_the_report_says_so_first(
     assert "> - machine: CPU ISA: avx2 vs avx512 (baseline vs candidate)" in md
 
 
-def _git(repo: Path, *args: str) -> str:
-    done = subprocess.run(
-        ["git", "-C", str(repo), "-c", "user.name=test", "-c", "user.email=test@example.com",
-         "-c", "commit.gpgsign=false", *args],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return done.stdout.strip()
-
-
 def _sides_rows(result: Comparison, tmp_path: Path) -> dict[str, list[str]]:
     """The report's first table (the sides), as {row name: [baseline cell, candidate cell]}."""
     md = report.markdown(report._comparison_blocks(result, {}, tmp_path))
@@ -431,13 +406,13 @@ def test_the_report_says_how_stale_the_baseline_is_and_where_each_side_ran(
 ) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
-    _git(repo, "init", "-q")
+    git(repo, "init", "-q")
     commits = []
     for n in range(4):
         (repo / "code.py").write_text(f"SPEED = {n}\n")
-        _git(repo, "add", ".")
-        _git(repo, "commit", "-q", "-m", f"speed {n}")
-        commits.append(_git(repo, "rev-parse", "HEAD"))
+        git(repo, "add", ".")
+        git(repo, "commit", "-q", "-m", f"speed {n}")
+        commits.append(git(repo, "rev-parse", "HEAD").strip())
     env = _environment(AVX2)
     base_dir = _stored(tmp_path, "base", env, git_commit=commits[0],
                        started_at="2026-01-01T00:00:00+00:00")  # fmt: skip

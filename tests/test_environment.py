@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.environment import Machine, commits_behind, fingerprint
+from tests.conftest import git
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,23 +33,14 @@ def test_hardware_key_is_stable_and_names_the_gpus_or_their_absence() -> None:
     assert a.hardware_key().endswith(f"({a.machine.isa}); {names}")
 
 
-def _git(repo: Path, *args: str) -> str:
-    done = subprocess.run(
-        ["git", "-C", str(repo), "-c", "user.name=test", "-c", "user.email=test@example.com",
-         "-c", "commit.gpgsign=false", *args],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return done.stdout
-
-
 @pytest.fixture
 def checkout(tmp_path: Path) -> Path:
     """A git checkout with one committed source file, bench/code.py."""
-    _git(tmp_path, "init", "-q")
+    git(tmp_path, "init", "-q")
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "code.py").write_text("SPEED = 1\n")
-    _git(tmp_path, "add", ".")
-    _git(tmp_path, "commit", "-q", "-m", "source")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-q", "-m", "source")
     return tmp_path
 
 
@@ -59,7 +51,7 @@ def test_a_clean_checkout_is_not_dirty(checkout: Path) -> None:
 
 def test_results_written_inside_the_checkout_leave_it_clean(checkout: Path) -> None:
     # Even where nothing ignores them and git is told to list every untracked file.
-    _git(checkout, "config", "status.showUntrackedFiles", "all")
+    git(checkout, "config", "status.showUntrackedFiles", "all")
     for run_dir in ("results/pr/20260101-short_qa-abc123", "bench/20260101-short_qa-def456"):
         (checkout / run_dir).mkdir(parents=True)
         (checkout / run_dir / "runs.parquet").write_bytes(b"PAR1")
@@ -67,17 +59,17 @@ def test_results_written_inside_the_checkout_leave_it_clean(checkout: Path) -> N
 
 
 def test_commits_behind_counts_the_candidates_commits_the_baseline_lacks(checkout: Path) -> None:
-    first = _git(checkout, "rev-parse", "HEAD").strip()
+    first = git(checkout, "rev-parse", "HEAD").strip()
     for n in (2, 3):
         (checkout / "bench" / "code.py").write_text(f"SPEED = {n}\n")
-        _git(checkout, "commit", "-q", "-am", f"speed {n}")
-    last = _git(checkout, "rev-parse", "HEAD").strip()
+        git(checkout, "commit", "-q", "-am", f"speed {n}")
+    last = git(checkout, "rev-parse", "HEAD").strip()
     assert commits_behind(checkout, first, last) == 2
     assert commits_behind(checkout, last, first) == 0
 
 
 def test_commits_behind_is_unknown_for_a_commit_the_checkout_lacks(checkout: Path) -> None:
-    head = _git(checkout, "rev-parse", "HEAD").strip()
+    head = git(checkout, "rev-parse", "HEAD").strip()
     assert commits_behind(checkout, "0123456789abcdef0123456789abcdef01234567", head) is None
     assert commits_behind(checkout, None, head) is None
 
@@ -99,15 +91,15 @@ def test_a_new_untracked_file_beside_the_source_makes_the_checkout_dirty(checkou
 
 def test_an_ignored_file_beside_the_source_leaves_the_checkout_clean(checkout: Path) -> None:
     (checkout / ".gitignore").write_text("*.pyc\n")
-    _git(checkout, "add", ".gitignore")
-    _git(checkout, "commit", "-q", "-m", "ignore")
+    git(checkout, "add", ".gitignore")
+    git(checkout, "commit", "-q", "-m", "ignore")
     (checkout / "bench" / "code.pyc").write_bytes(b"\0")
     assert fingerprint(checkout).git_dirty is False
 
 
 @pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs the project's git checkout")
 def test_this_repository_tracks_no_results_and_ignores_where_the_harness_writes() -> None:
-    assert _git(REPO, "ls-files", "results", "reports").split() == [
+    assert git(REPO, "ls-files", "results", "reports").split() == [
         "reports/.gitkeep",
         "results/.gitkeep",
     ]

@@ -28,6 +28,7 @@ from bench.levels import levels_of
 from bench.records import RUNS_SCHEMA, to_table
 from bench.store import RunStore
 from bench.summary import print_summary
+from tests import markdown
 from tests.synthetic import request_record, run_record
 
 REPEATS, PER_RUN = 5, 40
@@ -119,24 +120,6 @@ def _agree(texts: list[str]) -> bool:
     return all(_same(a, b) for a in texts for b in texts)
 
 
-_CELL_SPLIT = re.compile(r"(?<!\\)\|")
-
-
-def _md_tables(md: str) -> list[list[list[str]]]:
-    """Every Markdown table as rows of cells (header first, the alignment row dropped)."""
-    tables: list[list[list[str]]] = []
-    previous = ""
-    for line in md.splitlines():
-        if line.startswith("|"):
-            cells = [c.strip().replace("\\_", "_") for c in _CELL_SPLIT.split(line)[1:-1]]
-            if not previous.startswith("|"):
-                tables.append([])
-            if not all(re.fullmatch(r":?-+:?", c) for c in cells):
-                tables[-1].append(cells)
-        previous = line
-    return tables
-
-
 def _metric_name(cell: str) -> str:
     return cell.removeprefix("↑ ").removeprefix("↓ ")
 
@@ -156,7 +139,7 @@ def _console_level(text: str, label: str) -> dict[str, str]:
 
 def _report_level(md: str, name: str) -> dict[str, str]:
     """bench.report's results table, one level's row, by column."""
-    header, *rows = _md_tables(md)[0]
+    header, *rows = markdown.tables(md)[0]
     (row,) = [r for r in rows if r[0] == name]
     return dict(zip(header, row, strict=True))
 
@@ -165,7 +148,7 @@ def _comparison_level(md: str, name: str) -> list[dict[str, str]]:
     """Every table of compare's report.md that shows the level: name -> the baseline's value
     (per table, since a name must agree across tables too)."""
     out = []
-    for header, *rows in _md_tables(md):
+    for header, *rows in markdown.tables(md):
         if header[:2] == ["level", "metric"]:
             out.append({_metric_name(r[1]): r[2] for r in rows if r[0] == name})
         elif header[:2] == ["level", "memory"]:
@@ -243,7 +226,7 @@ def test_every_change_in_compares_report_is_the_ratio_of_the_values_beside_it(
     pair: Pair,
 ) -> None:
     checked, wrong = [], []
-    for header, *rows in _md_tables(pair.md):
+    for header, *rows in markdown.tables(pair.md):
         delta = next((i for i, h in enumerate(header) if h.startswith("Δ")), None)
         if delta is None:
             continue
@@ -265,7 +248,7 @@ def test_every_change_in_compares_report_is_the_ratio_of_the_values_beside_it(
 
 
 def test_the_load_time_row_shows_the_geomeans_whose_ratio_is_its_change(pair: Pair) -> None:
-    rows = [r for t in _md_tables(pair.md) for r in t if r[0] == "server start"]
+    rows = [r for t in markdown.tables(pair.md) for r in t if r[0] == "server start"]
     assert rows
     b, c = math.prod((3.154, 2.0, 4.5)) ** (1 / 3), math.prod((2.986, 2.5, 3.0)) ** (1 / 3)
     for row in rows:
@@ -280,7 +263,7 @@ def test_the_load_time_row_shows_the_geomeans_whose_ratio_is_its_change(pair: Pa
 
 
 def test_the_peak_memory_figure_draws_the_memory_tables_values(pair: Pair) -> None:
-    (memory,) = [rows for header, *rows in _md_tables(pair.md) if header[1] == "memory"]
+    (memory,) = [rows for header, *rows in markdown.tables(pair.md) if header[1] == "memory"]
     table = {row[0]: (row[2], row[3]) for row in memory}
 
     builds = []

@@ -17,12 +17,12 @@ import pytest
 from rich.console import Console
 
 from bench import compare, probe, report, stats, store
-from bench.comparison import INTERLEAVED, Comparison, Row, Side
+from bench.comparison import INTERLEAVED, Comparison, Row
 from bench.levels import Level
 from bench.probe import Probe, Session
 from bench.records import RUNS_SCHEMA, to_table
 from bench.stats import Verdict
-from tests.synthetic import run_record
+from tests.synthetic import run_record, side
 
 # ---- the probe on this machine -----------------------------------------------------------
 
@@ -142,22 +142,6 @@ def _sessions(before: Probe | None, after: Probe | None) -> list[Session]:
     return probe.sessions_of(to_table(rows, RUNS_SCHEMA).to_pandas())
 
 
-def _side(label: str) -> Side:
-    return Side(
-        label=label,
-        source=f"results/{label}",
-        run_dirs=[f"results/{label}/r"],
-        model="tiny",
-        target_kind="bundled",
-        engine="",
-        kernels="",
-        git_commit="0123456789abcdef",
-        git_dirty=False,
-        hardware_key="cpu",
-        started_at="2026-01-01T00:00:00+00:00",
-    )
-
-
 def _comparison(scale: float, verdict: Verdict, regression: bool = False) -> Comparison:
     """One throughput row whose candidate is `scale` times the baseline, with 1% noise."""
     base = [100.0, 101.0, 99.0, 100.5, 99.5]
@@ -177,7 +161,7 @@ def _comparison(scale: float, verdict: Verdict, regression: bool = False) -> Com
         gate=0.05,
         regression=regression,
     )
-    return Comparison("stored baseline", _side("baseline"), _side("candidate"), 0.05, 0.05,
+    return Comparison("stored baseline", side("baseline"), side("candidate"), 0.05, 0.05,
                       rows=[row])  # fmt: skip
 
 

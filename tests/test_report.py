@@ -32,6 +32,7 @@ from bench.records import (
 )
 from bench.stats import Verdict, geomean, ratio_test
 from bench.store import RunStore
+from tests import markdown
 from tests.synthetic import request_record, run_record
 
 # ---- records with the real schemas -------------------------------------------------------
@@ -154,24 +155,6 @@ def _md(paths: dict[str, Path]) -> str:
     return paths["md"].read_text(encoding="utf-8")
 
 
-_CELL_SPLIT = re.compile(r"(?<!\\)\|")
-
-
-def _tables(md: str) -> list[list[list[str]]]:
-    """Every Markdown table as rows of cells (header first, the alignment row dropped)."""
-    tables: list[list[list[str]]] = []
-    previous = ""
-    for line in md.splitlines():
-        if line.startswith("|"):
-            cells = [c.strip() for c in _CELL_SPLIT.split(line)[1:-1]]
-            if not previous.startswith("|"):
-                tables.append([])
-            if not all(re.fullmatch(r":?-+:?", c) for c in cells):
-                tables[-1].append(cells)
-        previous = line
-    return tables
-
-
 def _section(md: str, start: str, end: str) -> str:
     return md[md.index(start) : md.index(end, md.index(start))]
 
@@ -252,7 +235,7 @@ def test_the_details_block_lists_every_row_quantile_and_memory_row(ab: dict[str,
 
 
 def test_every_markdown_table_row_has_as_many_cells_as_its_header(ab: dict[str, Path]) -> None:
-    tables = _tables(_md(ab))
+    tables = markdown.tables(_md(ab))
     assert len(tables) >= 5
     for table in tables:
         assert all(len(row) == len(table[0]) for row in table), table
@@ -285,7 +268,7 @@ def test_markdown_shows_markup_in_labels_literally() -> None:
     label = "a|b [x](http://e) *y* _z_ short_qa"
     md = report.markdown([report.Table(["level", "n"], [[label, "1"]])])
     assert "| a\\|b [x\\](http://e) \\*y\\* \\_z\\_ short_qa | 1 |" in md
-    assert all(len(row) == 2 for row in _tables(md)[0])
+    assert all(len(row) == 2 for row in markdown.tables(md)[0])
 
 
 def test_html_is_self_contained_with_images_as_data_uris(ab: dict[str, Path]) -> None:
@@ -367,7 +350,7 @@ def test_capacity_names_a_lower_level_that_misses_the_slo() -> None:
 def test_the_run_report_has_a_row_per_level_with_the_p99_of_all_its_requests(
     single: dict[str, Path],
 ) -> None:
-    (table, *_) = _tables(_md(single))
+    (table, *_) = markdown.tables(_md(single))
     rows = {row[0]: row for row in table[1:]}
     assert len(rows) == 6
     # Three runs of two requests each, at 1,250 and 2,500 ms: p99 of the six pooled.

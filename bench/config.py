@@ -184,6 +184,7 @@ class BenchConfig:
     progress: bool
     telemetry_interval_s: float
     scrape_server_metrics: bool
+    server_metrics_interval_s: float
     resolved_yaml: str  # the whole resolved config, recorded with every run
 
 
@@ -301,6 +302,9 @@ def from_hydra(cfg: DictConfig) -> BenchConfig:
         progress=bool(raw["progress"]),
         telemetry_interval_s=_float("telemetry.interval_s", raw["telemetry"]["interval_s"]),
         scrape_server_metrics=bool(raw["telemetry"]["scrape_server_metrics"]),
+        server_metrics_interval_s=_float(
+            "telemetry.server_metrics_interval_s", raw["telemetry"]["server_metrics_interval_s"]
+        ),
         resolved_yaml=_recordable_yaml(raw),
     )
 

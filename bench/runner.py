@@ -383,7 +383,8 @@ def _run(cfg: BenchConfig, signals: StopSignals, total: int) -> RunResult:
     with serve(cfg.target) as server:
         pids = [server.process.pid] if server.process else []
         metrics_url = f"{server.base_url}/metrics" if cfg.scrape_server_metrics else None
-        with Sampler(cfg.telemetry_interval_s, pids, metrics_url) as sampler:
+        scrape_s = cfg.server_metrics_interval_s
+        with Sampler(cfg.telemetry_interval_s, pids, metrics_url, scrape_s) as sampler:
             state = _Run(cfg, server, sampler, before)
             try:
                 with LiveProgress(total, cfg.progress) as progress:

@@ -100,6 +100,7 @@ class SloSchema:
 class TelemetrySchema:
     interval_s: float
     scrape_server_metrics: bool
+    server_metrics_interval_s: float
 
 
 @dataclass

@@ -40,7 +40,6 @@ SERVER_METRICS = (
     "vllm:gpu_cache_usage_perc",
     "vllm:num_preemptions_total",
 )
-SERVER_SCRAPE_INTERVAL_S = 1.0
 _MIB = 1024 * 1024
 
 
@@ -122,6 +121,7 @@ def _sample_forever(
     interval_s: float,
     pids: list[int],
     metrics_url: str | None,
+    scrape_interval_s: float,
     out: mp_queues.Queue[list[Sample]],
     stop: EventType,
     parent_pid: int,
@@ -136,7 +136,7 @@ def _sample_forever(
             rows = _sample(nv, handles, pids)
             if metrics_url and time.perf_counter() >= next_scrape:
                 rows += scrape_server(metrics_url)
-                next_scrape = time.perf_counter() + SERVER_SCRAPE_INTERVAL_S
+                next_scrape = time.perf_counter() + scrape_interval_s
             out.put(rows)
             if stop.wait(interval_s):
                 out.put(_sample(nv, handles, pids))  # the final state, so short runs are covered
@@ -182,9 +182,14 @@ class Sampler:
     which in a thread would hold the GIL against the event loop whose latency we measure."""
 
     def __init__(
-        self, interval_s: float = 0.1, pids: Sequence[int] = (), metrics_url: str | None = None
+        self,
+        interval_s: float = 0.1,
+        pids: Sequence[int] = (),
+        metrics_url: str | None = None,
+        scrape_interval_s: float = 0.5,
     ) -> None:
         self.interval_s, self.pids, self.metrics_url = interval_s, list(pids), metrics_url
+        self.scrape_interval_s = scrape_interval_s
         self._ctx = multiprocessing.get_context("spawn")
         _start_resource_tracker()
         self._queue: mp_queues.Queue[list[Sample]] = self._ctx.Queue()
@@ -193,7 +198,10 @@ class Sampler:
         self._samples: list[Sample] = []
 
     def start(self) -> Sampler:
-        args = (self.interval_s, self.pids, self.metrics_url, self._queue, self._stop, os.getpid())
+        args = (
+            self.interval_s, self.pids, self.metrics_url, self.scrape_interval_s,
+            self._queue, self._stop, os.getpid(),
+        )  # fmt: skip
         self._process = self._ctx.Process(target=_sample_forever, args=args, daemon=True)
         self._process.start()
         return self

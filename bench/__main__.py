@@ -31,6 +31,10 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_UNUSABLE)
     print_summary(result.runs, result.requests)
+    if result.capacity is not None:
+        print(result.capacity.text())
+        for note in result.capacity.notes:
+            print(f"  note: {note}")
     print(f"results: {result.run_dir}")
     if bench_cfg.baseline_save and result.status == "complete":
         home = baseline.save(

@@ -22,6 +22,7 @@ SCENARIOS_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 ENDPOINTS = ("completions", "chat")
 PROMPT_FORMATS = ("auto", "token_ids", "text")
 TARGET_KINDS = ("openai", "refserver", "bundled")
+SEARCHES = ("concurrency", "rate")
 
 
 class ConfigError(ValueError):
@@ -105,6 +106,7 @@ class ScenarioConfig:
     num_requests: int
     repeats: int
     warmup_requests: int
+    search: str | None  # None: the levels below; concurrency | rate: a capacity search
 
     def shapes(self) -> list[tuple[int, int]]:
         ins, outs = self.input_tokens, self.output_tokens
@@ -115,6 +117,8 @@ class ScenarioConfig:
         return list(zip(ins, outs, strict=True))
 
     def levels(self) -> list[LoadLevel]:
+        """The levels known before the run: every level of a sweep; a capacity search's first
+        probe (bench/capacity.py chooses the others from what it measures)."""
         loads: list[tuple[int | None, float | None]]
         if self.request_rate is None:
             loads = [(c, None) for c in self.concurrency]
@@ -167,6 +171,23 @@ class SloConfig:
     ttft_ms: float | None
     tpot_ms: float | None
     e2e_ms: float | None
+    percentile: float  # the capacity search judges this percentile of each latency
+    success: float | None  # capacity only: the least share of requests that must succeed
+
+    @property
+    def latency_bounds(self) -> dict[str, float]:
+        """The latency objectives set: metric (ttft_ms, tpot_ms, e2e_ms) -> bound in ms."""
+        bounds = {"ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms, "e2e_ms": self.e2e_ms}
+        return {k: v for k, v in bounds.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class CapacityConfig:
+    growth: float
+    max_load: float
+    rate_precision: float
+    confidence: float
+    requests_per_user: int
 
 
 @dataclass(frozen=True)
@@ -176,6 +197,7 @@ class BenchConfig:
     workload: WorkloadConfig
     client: ClientConfig
     slo: SloConfig
+    capacity: CapacityConfig
     results_dir: str
     baseline_save: str | None  # also keep the run as a session of this named baseline
     baselines_dir: str
@@ -206,6 +228,9 @@ def _scenario(c: Mapping[str, Any]) -> ScenarioConfig:
             f"{len(outs)}"
         )
     max_conc = c["max_concurrency"]
+    search = c["search"]
+    if search is not None:
+        _check_search(_choice(k + "search", search, SEARCHES), ins, outs, c, rates)
     return ScenarioConfig(
         name=str(_str(k + "name", c["name"])),
         description=str(c.get("description") or ""),
@@ -219,7 +244,39 @@ def _scenario(c: Mapping[str, Any]) -> ScenarioConfig:
         num_requests=_int(k + "num_requests", c["num_requests"]),
         repeats=_int(k + "repeats", c["repeats"]),
         warmup_requests=_int(k + "warmup_requests", c["warmup_requests"], minimum=0),
+        search=search,
     )
+
+
+def _check_search(
+    search: str,
+    ins: tuple[int, ...],
+    outs: tuple[int, ...],
+    c: Mapping[str, Any],
+    rates: tuple[float, ...] | None,
+) -> None:
+    """A search starts from one load at one pair of lengths."""
+    if len(ins) > 1 or len(outs) > 1:
+        raise ConfigError(
+            "scenario.search: a capacity search measures one pair of lengths; set "
+            "scenario.input_tokens and scenario.output_tokens to single values"
+        )
+    if search == "rate" and (rates is None or len(rates) != 1):
+        raise _fail(
+            "scenario.request_rate", "one rate to start the search=rate from", c["request_rate"]
+        )
+    if search == "concurrency":
+        if rates is not None:
+            raise ConfigError(
+                "scenario.request_rate: search=concurrency is a closed loop; set it to null, or "
+                "search over the rate with scenario.search=rate"
+            )
+        if isinstance(c["concurrency"], list | tuple) and len(c["concurrency"]) != 1:
+            raise _fail(
+                "scenario.concurrency",
+                "one number of users to start the search from",
+                c["concurrency"],
+            )
 
 
 def _range_ratio(value: object) -> float:
@@ -271,11 +328,17 @@ def _check_bundled_model(model: str, load_format: object) -> None:
 def from_hydra(cfg: DictConfig) -> BenchConfig:
     """Validate the composed Hydra config and return its typed form."""
     raw = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
-    w, cl, slo = raw["workload"], raw["client"], raw["slo"]
+    w, cl, slo, cap = raw["workload"], raw["client"], raw["slo"], raw["capacity"]
     low = _int("workload.token_id_low", w["token_id_low"], minimum=0)
     high = _int("workload.token_id_high", w["token_id_high"], minimum=low + 1)
+    scenario, objectives = _scenario(raw["scenario"]), _slo(slo)
+    if scenario.search and not (objectives.latency_bounds or objectives.success):
+        raise ConfigError(
+            f"scenario.search={scenario.search} needs an objective to search against: set "
+            "slo.ttft_ms, slo.tpot_ms, slo.e2e_ms or slo.success, e.g. slo.ttft_ms=2000"
+        )
     return BenchConfig(
-        scenario=_scenario(raw["scenario"]),
+        scenario=scenario,
         target=_target(raw["target"]),
         workload=WorkloadConfig(
             prompt_format=_choice("workload.prompt_format", w["prompt_format"], PROMPT_FORMATS),
@@ -289,10 +352,13 @@ def from_hydra(cfg: DictConfig) -> BenchConfig:
                 "client.max_consecutive_connection_errors", cl["max_consecutive_connection_errors"]
             ),
         ),
-        slo=SloConfig(
-            ttft_ms=_optional_float("slo.ttft_ms", slo["ttft_ms"]),
-            tpot_ms=_optional_float("slo.tpot_ms", slo["tpot_ms"]),
-            e2e_ms=_optional_float("slo.e2e_ms", slo["e2e_ms"]),
+        slo=objectives,
+        capacity=CapacityConfig(
+            growth=_float("capacity.growth", cap["growth"], minimum=1.0),
+            max_load=_float("capacity.max_load", cap["max_load"]),
+            rate_precision=_float("capacity.rate_precision", cap["rate_precision"]),
+            confidence=_fraction("capacity.confidence", cap["confidence"]),
+            requests_per_user=_int("capacity.requests_per_user", cap["requests_per_user"]),
         ),
         results_dir=str(_str("results_dir", raw["results_dir"])),
         baseline_save=_str("baseline.save", raw["baseline"]["save"], optional=True),
@@ -306,6 +372,29 @@ def from_hydra(cfg: DictConfig) -> BenchConfig:
             "telemetry.server_metrics_interval_s", raw["telemetry"]["server_metrics_interval_s"]
         ),
         resolved_yaml=_recordable_yaml(raw),
+    )
+
+
+def _fraction(key: str, value: object) -> float:
+    number = _float(key, value)
+    if number >= 1.0:
+        raise _fail(key, "a number in (0, 1)", value)
+    return number
+
+
+def _slo(c: Mapping[str, Any]) -> SloConfig:
+    percentile = _float("slo.percentile", c["percentile"])
+    if percentile >= 100.0:
+        raise _fail("slo.percentile", "a number in (0, 100)", c["percentile"])
+    success = c["success"]
+    if success is not None and (_float("slo.success", success) > 1.0):
+        raise _fail("slo.success", "a share in (0, 1], e.g. 0.99, or null", success)
+    return SloConfig(
+        ttft_ms=_optional_float("slo.ttft_ms", c["ttft_ms"]),
+        tpot_ms=_optional_float("slo.tpot_ms", c["tpot_ms"]),
+        e2e_ms=_optional_float("slo.e2e_ms", c["e2e_ms"]),
+        percentile=percentile,
+        success=None if success is None else float(success),
     )
 
 

@@ -27,7 +27,9 @@ from rich.progress import (
 
 
 class LiveProgress:
-    def __init__(self, total_requests: int, enabled: bool, console: Console | None = None) -> None:
+    def __init__(
+        self, total_requests: int | None, enabled: bool, console: Console | None = None
+    ) -> None:
         console = console or Console(stderr=True)
         self._live = enabled and console.is_terminal
         self._lines = enabled and not self._live  # one plain line per finished level repeat

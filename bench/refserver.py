@@ -15,11 +15,21 @@ the truth log records the actual times. Token ``i`` is the text ``f" t{i}"``. Th
 emits exactly ``max_tokens`` tokens (default 16), ignoring EOS, stop strings and sampling
 parameters. A non-streaming request waits for the whole schedule and then answers in one piece.
 
+Slots (``--slots K``). At most K requests are generated at once; the others wait, first come
+first served, and a request's schedule starts when it gets a slot (``started``), so its TTFT
+includes the wait. Closed-loop load above K users therefore queues by a known amount: the
+server's capacity is exactly K. ``/metrics`` publishes ``vllm:num_requests_running`` (requests
+holding a slot) and ``vllm:num_requests_waiting`` under vLLM's names, and the final usage carries
+the server's own ``timings`` (queue_ms, prefill_ms, decode_ms, e2e_ms) as the bundled engine's
+does. Without slots nothing waits. ``--max-concurrency`` instead refuses (429) what it cannot
+take.
+
 Prompt tokens are the length of a token-id prompt, or the number of whitespace-separated words
 of a text prompt (for chat, summed over the message contents).
 
 Truth log (``--log-file``, overwritten at start). One JSON object per line, flushed at once, for
 every request accepted (not answered with an error): ``request_id``, ``endpoint``, ``received``,
+``started`` (when it got a slot; ``received`` without slots),
 ``event_writes`` (``time.monotonic()`` immediately before each content event's write),
 ``event_tokens`` (tokens in each of those events), ``prompt_tokens``, ``completion_tokens``
 (tokens actually written) and ``status`` ("ok", or "aborted" when the client went away or the
@@ -42,6 +52,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 DEFAULT_MAX_TOKENS = 16
 MAX_TOKENS_LIMIT = 1_000_000
@@ -56,13 +67,14 @@ class RefServerConfig:
     itl_ms: float = 10.0
     tokens_per_event: int = 1
     max_concurrency: int = 0  # 0 means unlimited
+    slots: int = 0  # requests generated at once, the rest queue; 0 means unlimited
     log_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.tokens_per_event < 1:
             raise ValueError("tokens_per_event must be at least 1")
-        if min(self.ttft_ms, self.itl_ms, self.max_concurrency) < 0:
-            raise ValueError("ttft_ms, itl_ms and max_concurrency must not be negative")
+        if min(self.ttft_ms, self.itl_ms, self.max_concurrency, self.slots) < 0:
+            raise ValueError("ttft_ms, itl_ms, max_concurrency and slots must not be negative")
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,7 @@ class TruthRecord:
     request_id: str
     endpoint: str
     received: float  # time.monotonic() when the handler started
+    started: float  # time.monotonic() when the request got a slot (its schedule's origin)
     event_writes: tuple[float, ...]  # time.monotonic() just before each content event's write
     event_tokens: tuple[int, ...]
     prompt_tokens: int
@@ -202,11 +215,25 @@ def _parse(raw: bytes, chat: bool, model: str) -> _Params:
     )
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
+def _usage(prompt: int, completion: int) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+    }
+
+
+def _timings(received: float, started: float, first: float, last: float) -> dict[str, float]:
+    """The server's view of a finished request, as the bundled engine's usage.timings."""
+
+    def ms(a: float, b: float) -> float:
+        return round((b - a) * 1e3, 3)
+
+    return {
+        "queue_ms": ms(received, started),
+        "prefill_ms": ms(started, first),
+        "decode_ms": ms(first, last),
+        "e2e_ms": ms(received, last),
     }
 
 
@@ -228,7 +255,16 @@ class _RefServer:
         self.cfg = cfg
         self.created = int(time.time())
         self.in_flight = 0
+        self.running = self.waiting = 0
+        self.slots = asyncio.Semaphore(cfg.slots) if cfg.slots else None
         self.log: TextIO | None = None
+        self.registry = CollectorRegistry()
+        for name, doc, read in (
+            ("vllm:num_requests_running", "Requests holding a slot.", lambda: self.running),
+            ("vllm:num_requests_waiting", "Requests waiting for a slot.", lambda: self.waiting),
+        ):
+            gauge = Gauge(name, doc, ["model_name"], registry=self.registry)
+            gauge.labels(cfg.model).set_function(read)
 
     async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         # aiohttp's low-level server, without Application, router and middleware: it starts
@@ -241,6 +277,8 @@ class _RefServer:
             return await self._handle(request, chat=True)
         if route == ("GET", "/health"):
             return web.Response(text="ok")
+        if route == ("GET", "/metrics"):
+            return web.Response(body=generate_latest(self.registry), content_type="text/plain")
         if route == ("GET", "/v1/models"):
             card = {"id": self.cfg.model, "object": "model", "created": self.created}
             card["owned_by"] = "bench"
@@ -262,7 +300,20 @@ class _RefServer:
         try:
             # The payload stream, not request.read(): its 1 MiB cap would refuse long prompts.
             params = _parse(await request.content.read(), chat, self.cfg.model)
-            return await self._generate(request, params, received, headers)
+            if self.slots is None:
+                return await self._generate(request, params, received, received, headers)
+            self.waiting += 1
+            try:
+                await self.slots.acquire()  # first come, first served
+            finally:
+                self.waiting -= 1
+            self.running += 1
+            try:
+                started = time.monotonic()
+                return await self._generate(request, params, received, started, headers)
+            finally:
+                self.running -= 1
+                self.slots.release()
         except _ApiError as e:
             return e.response(headers)
         finally:
@@ -297,7 +348,12 @@ class _RefServer:
         return {**body, "choices": [choice], "usage": _usage(p.prompt_tokens, p.max_tokens)}
 
     async def _generate(
-        self, request: web.BaseRequest, p: _Params, received: float, headers: dict[str, str]
+        self,
+        request: web.BaseRequest,
+        p: _Params,
+        received: float,
+        started: float,
+        headers: dict[str, str],
     ) -> web.StreamResponse:
         ttft, itl = self.cfg.ttft_ms / 1e3, self.cfg.itl_ms / 1e3
         n, k = p.max_tokens, self.cfg.tokens_per_event
@@ -308,7 +364,10 @@ class _RefServer:
             sse_headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
             response = web.StreamResponse(headers={**headers, **sse_headers})
         else:
-            response = web.json_response(self._completion(p, cid, created), headers=headers)
+            body = self._completion(p, cid, created)
+            last = started + ttft + (n - 1) * itl
+            body["usage"]["timings"] = _timings(received, started, started + ttft, last)
+            response = web.json_response(body, headers=headers)
         writes: list[float] = []
         tokens: list[int] = []
         status = "aborted"
@@ -320,7 +379,7 @@ class _RefServer:
                         end = min(start + k, n)
                         # Serialised before the wait so that the write follows the wake-up.
                         chunk = _sse(self._chunk(p, cid, created, start, end))
-                        await _sleep_until(received + ttft + (end - 1) * itl)
+                        await _sleep_until(started + ttft + (end - 1) * itl)
                         written = time.monotonic()
                         await response.write(chunk)
                         writes.append(written)
@@ -330,12 +389,14 @@ class _RefServer:
                     tail = b"data: [DONE]\n\n"
                     if p.include_usage:
                         obj = "chat.completion.chunk" if p.chat else "text_completion"
-                        usage = {"choices": [], "usage": _usage(p.prompt_tokens, n)}
+                        timings = _timings(received, started, writes[0], writes[-1])
+                        final = {**_usage(p.prompt_tokens, n), "timings": timings}
+                        usage = {"choices": [], "usage": final}
                         tail = _sse({**self._head(obj, cid, created), **usage}) + tail
                     await response.write(tail)
                     await response.write_eof()
                 else:
-                    await _sleep_until(received + ttft + (n - 1) * itl)
+                    await _sleep_until(started + ttft + (n - 1) * itl)
                     written = time.monotonic()
                     await response.prepare(request)
                     await response.write_eof()
@@ -348,6 +409,7 @@ class _RefServer:
                     request_id,
                     request.path,
                     received,
+                    started,
                     tuple(writes),
                     tuple(tokens),
                     p.prompt_tokens,
@@ -418,6 +480,13 @@ def _parse_args(argv: list[str] | None) -> RefServerConfig:
         type=int,
         default=0,
         help="answer 429 while this many requests are in flight; 0 means unlimited",
+    )
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=0,
+        help="generate at most this many requests at once, queueing the rest first come first "
+        "served (a server whose capacity is exactly this many users); 0 means unlimited",
     )
     parser.add_argument(
         "--log-file", type=Path, help="write a JSONL truth log of every request's event times"

@@ -5,6 +5,10 @@ machine spreads over all levels instead of biasing the last one. The machine's s
 (bench/probe.py) before the server starts and after it stops, outside every measured level,
 and stored with each run row.
 
+A capacity search (scenario.search, bench/capacity.py) measures one probe at a time instead,
+every round of it before the next, since each probe's load depends on the ones before; the run
+directory then also holds capacity.json, rewritten after every round.
+
 Ctrl-C, SIGTERM and SIGHUP stop a run early and alike (bench/stop_signals.py): what finished is
 kept and the run is partial; one that had measured nothing raises Interrupted.
 """
@@ -25,7 +29,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench import client, environment, metrics, probe, workload
+from bench import capacity, client, environment, metrics, probe, workload
 from bench.config import BenchConfig, LoadLevel, WorkloadConfig
 from bench.load import LagMonitor, LevelOutcome, run_level
 from bench.progress import LiveProgress
@@ -50,6 +54,7 @@ class RunResult:
     reason: str | None  # why a partial run stopped
     runs: list[RunRecord]
     requests: list[RequestRecord]
+    capacity: capacity.Capacity | None  # a capacity search's answer (also in capacity.json)
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -161,6 +166,9 @@ class _Run:
         )
         ids = _prompt_ids(cfg.workload, server, self.tokenizer)
         self.workload = workload.build(cfg.scenario, ids, cfg.seed, text, self.tokenizer)
+        self.batch = functools.partial(
+            workload.level_batch, cfg.scenario, ids, cfg.seed, text, self.tokenizer
+        )
         self.workload_hash = _workload_hash(cfg, self.workload.digest)
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         self.run_id = f"{stamp}-{cfg.scenario.name}-{uuid.uuid4().hex[:6]}"
@@ -168,6 +176,7 @@ class _Run:
         self.env = environment.fingerprint(REPO_DIR)
         self.origin_s = time.perf_counter()
         self.target = dataclasses.replace(cfg.target, base_url=server.base_url, model=server.model)
+        self.search: capacity.Search | None = None  # a capacity search, once it has begun
 
     async def send(
         self, session: aiohttp.ClientSession, spec: workload.RequestSpec, at: float
@@ -181,6 +190,7 @@ class _Run:
         outcome: LevelOutcome,
         requests: list[RequestRecord],
         lag: LagMonitor,
+        num_requests: int,
     ) -> RunRecord:
         cfg = self.cfg
         m = metrics.summarize(requests, outcome.ended_s - outcome.started_s, cfg.slo)
@@ -213,7 +223,7 @@ class _Run:
             ended_at=datetime.fromtimestamp(ended, UTC).isoformat(),
             monotonic_origin_s=self.origin_s,
             duration_s=m.duration_s,
-            num_requests=cfg.scenario.num_requests,
+            num_requests=num_requests,
             sent=m.sent,
             completed=m.completed,
             failed=m.failed,
@@ -309,9 +319,10 @@ async def _level(
     session: aiohttp.ClientSession,
     level: LoadLevel,
     repeat: int,
+    specs: list[workload.RequestSpec],
     progress: LiveProgress,
-) -> LevelOutcome:
-    specs = run.workload.batches[level.index, repeat]
+) -> tuple[LevelOutcome, list[RequestRecord], RunRecord]:
+    """One repeat of a level: its outcome, its requests and its row."""
     requests: list[RequestRecord] = []
     interrupted = False
 
@@ -336,13 +347,22 @@ async def _level(
         stopped = LevelOutcome(
             started_s=started_s, ended_s=time.perf_counter(), stopped_early=reason
         )
-        run.store.runs.append(run.run_record(level, repeat, stopped, requests, lag))
+        run.store.runs.append(run.run_record(level, repeat, stopped, requests, lag, len(specs)))
         raise
     finally:
         lag_task.cancel()
         run.telemetry_lag(lag)
-    run.store.runs.append(run.run_record(level, repeat, outcome, requests, lag))
-    return outcome
+    row = run.run_record(level, repeat, outcome, requests, lag, len(specs))
+    run.store.runs.append(row)
+    return outcome, requests, row
+
+
+def _stopped(run: _Run, outcome: LevelOutcome) -> str | None:
+    """Why the run must stop after a level: the server exited, or the level stopped early."""
+    code = run.server.exit_code()
+    if code is not None:
+        return f"the server exited with code {code}"
+    return outcome.stopped_early
 
 
 async def _measure(run: _Run, progress: LiveProgress) -> str | None:
@@ -350,27 +370,52 @@ async def _measure(run: _Run, progress: LiveProgress) -> str | None:
     sc = run.cfg.scenario
     levels = sc.levels()
     biggest = max((lv.concurrency or 0 for lv in levels), default=0) or None
+    if sc.search == "concurrency":
+        biggest = int(run.cfg.capacity.max_load)
     async with client.session(biggest, run.cfg.client.request_timeout_s) as session:
         await _warmup(run, session)
+        if sc.search:
+            return await _search(run, session, progress)
         for repeat in range(sc.repeats):
             for level in levels:
                 progress.start_level(
                     f"rep {repeat + 1}/{sc.repeats}  {level.label}", sc.num_requests
                 )
-                outcome = await _level(run, session, level, repeat, progress)
+                specs = run.workload.batches[level.index, repeat]
+                outcome, _, _ = await _level(run, session, level, repeat, specs, progress)
                 run.store.flush()
-                code = run.server.exit_code()
-                if code is not None:
-                    return f"the server exited with code {code}"
-                if outcome.stopped_early:
-                    return outcome.stopped_early
+                if reason := _stopped(run, outcome):
+                    return reason
+    return None
+
+
+async def _search(run: _Run, session: aiohttp.ClientSession, progress: LiveProgress) -> str | None:
+    """A capacity search: round after round at the load bench.capacity chooses."""
+    search = run.search = capacity.search_for(run.cfg)
+    while (load := search.next_load()) is not None:
+        level, repeat = search.level(load), search.rounds(load)
+        n = search.round_size(load)
+        progress.start_level(f"probe {level.index + 1} round {repeat + 1}  {level.label}", n)
+        specs = run.batch(level, repeat, n)
+        outcome, requests, row = await _level(run, session, level, repeat, specs, progress)
+        run.store.flush()
+        if reason := _stopped(run, outcome):
+            return reason
+        search.add_round(load, requests, row)
+        capacity.write(search.result(complete=False), run.store.dir)
+        progress.log(f"probe {level.index + 1} {level.label}: {search.probe_line(load)}")
     return None
 
 
 def run(cfg: BenchConfig) -> RunResult:
     """Run the configured scenario against the configured target; see the module docstring."""
     levels = cfg.scenario.levels()
-    total = len(levels) * cfg.scenario.repeats * cfg.scenario.num_requests
+    # A capacity search decides as it goes how much it sends.
+    total = (
+        None
+        if cfg.scenario.search
+        else len(levels) * cfg.scenario.repeats * cfg.scenario.num_requests
+    )
     with StopSignals() as signals:
         try:
             return _run(cfg, signals, total)
@@ -378,7 +423,7 @@ def run(cfg: BenchConfig) -> RunResult:
             raise Interrupted(f"{exc} before any request was measured") from None
 
 
-def _run(cfg: BenchConfig, signals: StopSignals, total: int) -> RunResult:
+def _run(cfg: BenchConfig, signals: StopSignals, total: int | None) -> RunResult:
     before = probe.measure()  # before the server exists: nothing else of the run competes
     with serve(cfg.target) as server:
         pids = [server.process.pid] if server.process else []
@@ -407,10 +452,15 @@ def _run(cfg: BenchConfig, signals: StopSignals, total: int) -> RunResult:
             dataclasses.replace(r, probe_after_json=after) for r in state.store.runs
         ]
         state.store.flush()
+    answer = None
+    if state.search is not None and state.search.probes:
+        answer = state.search.result(complete=reason is None)
+        capacity.write(answer, state.store.dir)
     return RunResult(
         state.store.dir,
         "complete" if reason is None else "partial",
         reason,
         state.store.runs,
         state.store.requests,
+        answer,
     )

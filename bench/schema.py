@@ -30,6 +30,7 @@ class ScenarioSchema:
     num_requests: int
     repeats: int
     warmup_requests: int
+    search: str | None
 
 
 @dataclass
@@ -94,6 +95,17 @@ class SloSchema:
     ttft_ms: float | None
     tpot_ms: float | None
     e2e_ms: float | None
+    percentile: float
+    success: float | None
+
+
+@dataclass
+class CapacitySchema:
+    growth: float
+    max_load: float
+    rate_precision: float
+    confidence: float
+    requests_per_user: int
 
 
 @dataclass
@@ -112,6 +124,7 @@ class BenchSchema:
     workload: WorkloadSchema
     client: ClientSchema
     slo: SloSchema
+    capacity: CapacitySchema
     telemetry: TelemetrySchema
     scenario: ScenarioSchema
     target: TargetSchema

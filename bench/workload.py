@@ -115,6 +115,49 @@ def _offsets(
     return [float(x) for x in np.cumsum(gaps)]
 
 
+def level_batch(
+    scenario: ScenarioConfig,
+    cfg: WorkloadConfig,
+    seed: int,
+    text: bool,
+    tokenizer: Tokenizer | None,
+    level: LoadLevel,
+    repeat: int,
+    n: int,
+) -> list[RequestSpec]:
+    """The `n` requests of one repeat of a level: prompts from (seed, repeat, lengths), so every
+    load of a sweep gets the same ones; open-loop send offsets from (seed, repeat, level)."""
+    arrival_rng = np.random.default_rng([seed, repeat + 1, level.index, 7])
+    offsets = _offsets(arrival_rng, n, level.request_rate, scenario.burstiness)
+    return _specs(scenario, cfg, seed, text, tokenizer, repeat, level, offsets)
+
+
+def _specs(
+    scenario: ScenarioConfig,
+    cfg: WorkloadConfig,
+    seed: int,
+    text: bool,
+    tokenizer: Tokenizer | None,
+    repeat: int,
+    level: LoadLevel,
+    offsets: list[float],
+) -> list[RequestSpec]:
+    n, inp, out = len(offsets), level.input_tokens, level.output_tokens
+    rng = np.random.default_rng([seed, repeat + 1, inp, out])
+    ins = _lengths(rng, n, inp, scenario.range_ratio)
+    outs = _lengths(rng, n, out, scenario.range_ratio)
+    return [
+        RequestSpec(
+            i,
+            _text_prompt(rng, ins[i], cfg, tokenizer) if text else _token_prompt(rng, ins[i], cfg),
+            ins[i],
+            outs[i],
+            offsets[i],
+        )
+        for i in range(n)
+    ]
+
+
 def build(
     scenario: ScenarioConfig,
     cfg: WorkloadConfig,
@@ -122,39 +165,18 @@ def build(
     text: bool,
     tokenizer: Tokenizer | None = None,
 ) -> Workload:
-    """Every request of a scenario, warm-up first, in the order they will be sent."""
-
-    def specs(repeat: int, n: int, inp: int, out: int, offs: list[float]) -> list[RequestSpec]:
-        rng = np.random.default_rng([seed, repeat + 1, inp, out])
-        ins, outs = (
-            _lengths(rng, n, inp, scenario.range_ratio),
-            _lengths(rng, n, out, scenario.range_ratio),
-        )
-        return [
-            RequestSpec(
-                i,
-                _text_prompt(rng, ins[i], cfg, tokenizer)
-                if text
-                else _token_prompt(rng, ins[i], cfg),
-                ins[i],
-                outs[i],
-                offs[i],
-            )
-            for i in range(n)
-        ]
-
+    """Every request of a scenario's levels (a capacity search's first probe), warm-up first,
+    in the order they will be sent."""
     first = scenario.levels()[0]
-    n_warm = scenario.warmup_requests
-    warmup = specs(_WARMUP_REPEAT, n_warm, first.input_tokens, first.output_tokens, [0.0] * n_warm)
-    batches: dict[tuple[int, int], list[RequestSpec]] = {}
-    for level in scenario.levels():
-        for repeat in range(scenario.repeats):
-            n = scenario.num_requests
-            arrival_rng = np.random.default_rng([seed, repeat + 1, level.index, 7])
-            offs = _offsets(arrival_rng, n, level.request_rate, scenario.burstiness)
-            batches[level.index, repeat] = specs(
-                repeat, n, level.input_tokens, level.output_tokens, offs
-            )
+    warm_offsets = [0.0] * scenario.warmup_requests
+    warmup = _specs(scenario, cfg, seed, text, tokenizer, _WARMUP_REPEAT, first, warm_offsets)
+    batches = {
+        (level.index, repeat): level_batch(
+            scenario, cfg, seed, text, tokenizer, level, repeat, scenario.num_requests
+        )
+        for level in scenario.levels()
+        for repeat in range(scenario.repeats)
+    }
     return Workload(warmup, batches, _digest(scenario.levels(), warmup, batches))
 
 

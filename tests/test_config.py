@@ -104,7 +104,7 @@ def test_an_unknown_key_without_a_close_match_lists_the_keys_at_its_level() -> N
 @pytest.mark.parametrize(
     ("override", "files"),
     [
-        ("scenario=nope", "concurrency, lengths, long_generation, short_qa"),
+        ("scenario=nope", "capacity, concurrency, lengths, long_generation, short_qa"),
         ("target=nope", "bundled, openai, refserver"),
     ],
 )

@@ -38,7 +38,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from scipy import stats as sps
@@ -460,12 +460,13 @@ def write(capacity: Capacity, run_dir: Path) -> Path:
     return path
 
 
-def read(run_dir: Path) -> dict[str, object] | None:
+def read(run_dir: Path) -> dict[str, Any] | None:
     """A run's capacity.json, or None for a run that did not search."""
     path = Path(run_dir) / FILE_NAME
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+    saved: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return saved
 
 
 def search_for(cfg: BenchConfig) -> Search:

@@ -51,10 +51,12 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import baseline as baselines
-from bench import stats
+from bench import capacity, stats
 from bench.comparison import (
     INTERLEAVED,
     STORED,
+    CapacityAnswer,
+    CapacityPair,
     Comparison,
     Geomean,
     MachineSpeed,
@@ -69,7 +71,7 @@ from bench.environment import Machine, commits_behind, version_differences, vers
 from bench.figures import Build
 from bench.levels import Level, level_requests, levels_of, peak_memory, run_peaks
 from bench.probe import FIGURES, Session, change, sessions_of
-from bench.report import drift_rule, probe_cells, verdict_rule
+from bench.report import capacity_line, drift_rule, probe_cells, verdict_rule
 from bench.summary import print_whole
 
 EXIT_REGRESSION, EXIT_UNUSABLE = 1, 2
@@ -401,7 +403,36 @@ def compare(
     _warn_few_sessions(result)
     _warn(result, base, cand)
     _within_machine_drift(result, sessions_of(base.runs), sessions_of(cand.runs))
+    result.capacity = _capacity(base, cand, result.warnings)
     return result
+
+
+def _answers(loaded: Loaded) -> list[tuple[str, str, CapacityAnswer]]:
+    """(objectives, unit, answer) of each run directory of a build that searched capacity."""
+    out = []
+    for run_dir in loaded.side.run_dirs:
+        saved = capacity.read(Path(run_dir))
+        if saved is not None:
+            answer = CapacityAnswer(saved["capacity"], saved["low"], saved["high"])
+            out.append((" and ".join(saved["objectives"]), str(saved["unit"]), answer))
+    return out
+
+
+def _capacity(base: Loaded, cand: Loaded, warnings: list[str]) -> CapacityPair | None:
+    """The builds' capacity searches side by side, where both ran one with the same objectives."""
+    found = _answers(base), _answers(cand)
+    if not found[0] or not found[1]:
+        return None
+    kinds = {(objectives, unit) for side in found for objectives, unit, _ in side}
+    if len(kinds) > 1:
+        named = "; ".join(f"{o} over {u}" for o, u in sorted(kinds))
+        warnings.append(f"capacity searched against different objectives ({named}); not compared")
+        return None
+    [(objectives, unit)] = kinds
+    b, c = ([a for _, _, a in side] for side in found)
+    (b_low, b_high), (c_low, c_high) = CapacityPair.span(b), CapacityPair.span(c)
+    verdict: stats.Verdict = "better" if c_low > b_high else "worse" if c_high < b_low else "~"
+    return CapacityPair(objectives, unit, b, c, verdict)
 
 
 def _warn_few_sessions(result: Comparison) -> None:
@@ -665,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         builds = [Build(lb, x.runs, x.requests) for lb, x in zip(labels, sides, strict=True)]
         paths = write_comparison_report(result, builds, Path(cfg.report))
         print(f"report: {paths['md']}")
-    return EXIT_REGRESSION if result.regressions else 0
+    return EXIT_REGRESSION if result.failed else 0
 
 
 def _print(result: Comparison, console: Console | None = None) -> None:
@@ -705,6 +736,8 @@ def _print(result: Comparison, console: Console | None = None) -> None:
             probe.add_row(f"{arrow} {f.label} {f.unit}", f"{f.baseline:,.4g}",
                           f"{f.candidate:,.4g}", f"×{f.ratio:.3f}")  # fmt: skip
         print_whole(console, probe)
+    if result.capacity is not None:
+        print(capacity_line(result.capacity))
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
 

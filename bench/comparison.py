@@ -8,6 +8,7 @@ diagnostic quantile CIs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from bench.levels import Level
@@ -163,6 +164,37 @@ class MachineSpeed:
         return max(self.between, *self.within)
 
 
+@dataclass(frozen=True)
+class CapacityAnswer:
+    """One session's capacity search (capacity.json): the capacity and its interval."""
+
+    capacity: float | None  # None: the lowest load tried missed
+    low: float | None  # None: nothing certainly met
+    high: float | None  # None: never missed up to capacity.max_load
+
+
+@dataclass(frozen=True)
+class CapacityPair:
+    """Both builds' capacity searches side by side, one answer per session of each.
+
+    The verdict compares intervals, not point answers: better when every candidate interval
+    lies above every baseline interval, worse when below, ~ when they overlap.
+    """
+
+    objectives: str  # "TTFT p99 <= 2000 ms"
+    unit: str  # users | req/s
+    baseline: list[CapacityAnswer]
+    candidate: list[CapacityAnswer]
+    verdict: Verdict
+
+    @staticmethod
+    def span(answers: list[CapacityAnswer]) -> tuple[float, float]:
+        """The union of a build's intervals: (lowest low, highest high); 0 and inf for none."""
+        lows = [0.0 if a.low is None else a.low for a in answers]
+        highs = [math.inf if a.high is None else a.high for a in answers]
+        return min(lows), max(highs)
+
+
 @dataclass
 class Comparison:
     mode: str  # STORED | INTERLEAVED
@@ -177,6 +209,14 @@ class Comparison:
     mismatches: list[str] = field(default_factory=list)  # accepted with allow_mismatch=true
     warnings: list[str] = field(default_factory=list)
     machine: MachineSpeed | None = None  # None: a build has no speed probe (schema 3 and older)
+    capacity: CapacityPair | None = None  # both builds ran a capacity search with one objective
+
+    @property
+    def failed(self) -> bool:
+        """A regression beyond its gate, or a capacity that certainly fell."""
+        return bool(self.regressions) or (
+            self.capacity is not None and self.capacity.verdict == "worse"
+        )
 
     @property
     def regressions(self) -> list[Row]:

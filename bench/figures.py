@@ -17,7 +17,7 @@ Conventions shared by every figure:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
+from bench.diagnosis import KV_USAGE, PREEMPTIONS, RUNNING, WAITING, level_windows
 from bench.levels import (
     REQUEST_COLUMNS,
     RUN_COLUMNS,
@@ -42,6 +43,7 @@ from bench.levels import (
     levels_of,
 )
 from bench.levels import peak_memory as level_peak_memory
+from bench.store import StoredRun
 
 Floats = npt.NDArray[np.float64]
 
@@ -541,7 +543,179 @@ def itl_distribution(builds: Sequence[Build], path: Path) -> Path:
     return _save(_itl_figure(builds), path)
 
 
+# ---- telemetry timeline ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class _Trace:
+    label: str
+    t: Floats
+    y: Floats
+    colour: str
+    style: str = "line"  # line; step: a gauge, held until the next scrape; marker: events
+
+
+@dataclass(frozen=True)
+class _Panel:
+    label: str
+    traces: list[_Trace]
+    top: float | None = None  # a fixed top (percentages); None: the data's, with headroom
+
+
+def _series(telemetry: pd.DataFrame, source: str, metric: str) -> tuple[Floats, Floats]:
+    rows = telemetry[(telemetry["source"] == source) & (telemetry["metric"] == metric)]
+    rows = rows.sort_values("t_s")
+    return rows["t_s"].to_numpy(np.float64), rows["value"].to_numpy(np.float64)
+
+
+def _kv_traces(telemetry: pd.DataFrame) -> list[_Trace]:
+    """KV cache usage in percent, and a marker at 100% wherever the preemption counter rose."""
+    traces = []
+    for name in KV_USAGE:  # vLLM's current name, else its older one
+        t, y = _series(telemetry, "server", name)
+        if len(t):
+            traces.append(_Trace("KV cache usage", t, y * 100, colour(2), "step"))
+            break
+    t, count = _series(telemetry, "server", PREEMPTIONS)
+    rises = np.flatnonzero(np.diff(count) > 0) + 1
+    traces.append(_Trace("preemption", t[rises], np.full(rises.size, 100.0), colour(3), "marker"))
+    return traces
+
+
+def _timeline_panels(telemetry: pd.DataFrame) -> list[_Panel]:
+    """The panels that have samples, top to bottom, each with its traces that have some."""
+    sources = {str(s) for s in telemetry["source"].unique()}
+    gpus = sorted((s for s in sources if s.startswith("gpu")), key=lambda s: int(s[3:] or 0))
+
+    def per_gpu(metric: str) -> list[_Trace]:
+        return [_Trace(g, *_series(telemetry, g, metric), colour(i)) for i, g in enumerate(gpus)]
+
+    memory = _Panel("GPU memory (MiB)", per_gpu("memory_used_mib"))
+    if not any(len(tr.t) for tr in memory.traces):  # the CPU stand-in, as for peak memory
+        rss = _series(telemetry, "process", "rss_mib")
+        memory = _Panel("server RSS (MiB)", [_Trace("server RSS", *rss, colour(4))])
+    server = [
+        _Trace(name, *_series(telemetry, "server", metric), colour(i), "step")
+        for i, (name, metric) in enumerate((("running", RUNNING), ("waiting", WAITING)))
+    ]
+    lag = _Trace("client", *_series(telemetry, "client", "loop_lag_ms"), "0.3")
+    panels = [
+        _Panel("GPU util (%)", per_gpu("gpu_util_pct"), top=105.0),
+        memory,
+        _Panel("requests", server),
+        _Panel("KV cache (%)", _kv_traces(telemetry), top=110.0),
+        _Panel("loop lag (ms)", [lag]),
+    ]
+    return [
+        _Panel(p.label, [tr for tr in p.traces if len(tr.t)], p.top)
+        for p in panels
+        if any(len(tr.t) for tr in p.traces)
+    ]
+
+
+def _draw_panel(ax: Axes, panel: _Panel) -> None:
+    for tr in panel.traces:
+        if tr.style == "marker":
+            ax.plot(tr.t, tr.y, ls="", marker="v", ms=6, color=tr.colour, label=tr.label)
+        elif tr.style == "step":
+            ax.step(tr.t, tr.y, where="post", color=tr.colour, lw=1.3, label=tr.label)
+        else:
+            ax.plot(tr.t, tr.y, color=tr.colour, lw=1.0, label=tr.label)
+    # From zero, with headroom: a flat series (RSS, a pinned batch) stays clear of the frame.
+    top = panel.top or 1.15 * max(float(tr.y.max()) for tr in panel.traces)
+    ax.set_ylim(0, top if top > 0 else 1.0)
+    ax.set_ylabel(panel.label, fontsize=9)
+    ax.grid(alpha=0.3)
+    if len(panel.traces) > 1:  # beside the panel, so it never covers the data
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+
+
+def _timeline_figure(stored: StoredRun) -> Figure:
+    run_ids = {str(r) for r in (*stored.runs["run_id"], *stored.telemetry["run_id"])}
+    if len(run_ids) > 1:
+        raise ValueError(
+            f"a timeline shows one run, got {len(run_ids)} ({', '.join(sorted(run_ids))}): "
+            "pass bench.store.load(run_dir)"
+        )
+    panels = _timeline_panels(stored.telemetry)
+    fig = _figure(0.9 + 1.3 * max(len(panels), 1))
+    if not panels:
+        _note(fig.subplots(), "no telemetry recorded")
+        return fig
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, panel in zip(axes, panels, strict=True):
+        _draw_panel(ax, panel)
+    # The load levels: a band per repeat, labelled along the top with the level's label.
+    windows = level_windows(stored.runs, stored.requests)
+    scenarios, _ = _titles(list(windows))
+    ticks: list[tuple[float, str]] = []
+    for j, (level, spans) in enumerate(windows.items()):
+        for w in spans:
+            for ax in axes:
+                ax.axvspan(w.start_s, w.end_s, color="0.5", alpha=0.10 if j % 2 else 0.20, lw=0)
+            repeat = f" #{w.repeat + 1}" if len(spans) > 1 else ""
+            ticks.append(((w.start_s + w.end_s) / 2, _title(level, scenarios, True) + repeat))
+    if ticks:
+        top = axes[0].secondary_xaxis("top")
+        top.set_xticks([x for x, _ in ticks], [text for _, text in ticks], fontsize=8)
+        top.tick_params(labelrotation=30 if len(ticks) > 4 else 0, length=0)
+    axes[-1].set_xlabel("seconds from the run's start")
+    fig.suptitle("Telemetry over the run; shaded: the load levels' windows", fontsize=10)
+    return fig
+
+
+def timeline(stored: StoredRun, path: Path) -> Path:
+    """One run's telemetry on one time axis: GPU utilisation and memory (else the server's
+    RSS), running and waiting requests, KV cache usage with preemptions, the client's loop
+    lag; each load level's windows shaded and labelled."""
+    return _save(_timeline_figure(stored), path)
+
+
 # ---- all of them -------------------------------------------------------------------------
+
+
+# ---- capacity frontier -------------------------------------------------------------------
+
+_VERDICT_MARKERS = {"meets": "o", "uncertain": "s", "misses": "X"}
+
+
+def _frontier_figure(searches: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]) -> Figure:
+    fig = _figure(4.2)
+    ax = fig.subplots()
+    plotted = False
+    for i, (_, probes) in enumerate(searches):
+        points = sorted(
+            (
+                (float(p["load"]), float(p["tokens_per_user"]), float(p["output_throughput"]), p)
+                for p in probes
+                if p.get("tokens_per_user") is not None
+            ),
+            key=lambda point: point[0],
+        )
+        if not points:
+            continue
+        plotted = True
+        ax.plot([x for _, x, _, _ in points], [y for _, _, y, _ in points], color=colour(i), lw=1)
+        for load, x, y, probe in points:
+            marker = _VERDICT_MARKERS[str(probe["verdict"])]
+            ax.scatter(x, y, color=colour(i), marker=marker, s=36, zorder=3)
+            ax.annotate(f"{load:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if not plotted:
+        _note(ax, "no probe completed a request with more than one token")
+    ax.set_xlabel("tok/s per user (1000 / TPOT p50)")
+    ax.set_ylabel("total output tok/s")
+    ax.set_title("Throughput against per-user speed, each probe labelled with its load")
+    handles = [Line2D([], [], color=colour(i), lw=2) for i in range(len(searches))]
+    handles += [Line2D([], [], color="0.3", marker=m, ls="") for m in _VERDICT_MARKERS.values()]
+    labels = [label for label, _ in searches] + [f"{v} the objectives" for v in _VERDICT_MARKERS]
+    _legend(fig, handles, labels)
+    return fig
+
+
+def frontier(searches: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: Path) -> Path:
+    """The throughput/latency frontier of capacity searches: total output tok/s against the
+    tok/s one user sees, one point per probe (capacity.json's probes), per build."""
+    return _save(_frontier_figure(searches), path)
 
 
 def all_figures(builds: Sequence[Build], out_dir: Path) -> dict[str, Path]:

@@ -16,7 +16,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,21 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bench import store
-from bench.comparison import INTERLEAVED, Comparison, MachineSpeed, Metric, Row, Side
+from bench.capacity import read as read_capacity
+from bench.comparison import (
+    INTERLEAVED,
+    CapacityAnswer,
+    CapacityPair,
+    Comparison,
+    MachineSpeed,
+    Metric,
+    Row,
+    Side,
+)
+from bench.diagnose import evidence_text, not_evaluated_lines
+from bench.diagnosis import Diagnosis, diagnose
 from bench.environment import versions
-from bench.figures import Build, all_figures
+from bench.figures import Build, all_figures, frontier, timeline
 from bench.levels import LevelStats, level_stats
 from bench.stats import (
     MIN_MW_SAMPLES,
@@ -284,6 +296,32 @@ def drift_rule(c: Comparison) -> str:
     )
 
 
+def _answer(a: CapacityAnswer) -> str:
+    if a.capacity is None:
+        return "none"
+    high = "∞" if a.high is None else f"{a.high:g}"
+    low = "0" if a.low is None else f"{a.low:g}"
+    return f"{a.capacity:g} [{low}-{high}]"
+
+
+def capacity_line(pair: CapacityPair) -> str:
+    """Both builds' capacities with their intervals (one per session) and the verdict, in one
+    wording for the reports and the console."""
+
+    def side(answers: list[CapacityAnswer]) -> str:
+        return ", ".join(_answer(a) for a in answers)
+
+    verdict = {
+        "better": "higher: every candidate interval lies above the baseline's",
+        "worse": "lower: every candidate interval lies below the baseline's",
+        "~": "no change shown: the intervals overlap",
+    }[pair.verdict]
+    return (
+        f"capacity ({pair.unit}) at {pair.objectives}: baseline {side(pair.baseline)}, "
+        f"candidate {side(pair.candidate)}: {verdict}"
+    )
+
+
 def probe_cells(m: MachineSpeed) -> tuple[str, str, str]:
     """The speed probe's figures of each build (the candidate's with its ratio to the
     baseline's), and how much the machine's speed moved, in words."""
@@ -311,6 +349,8 @@ _FIGURE_TITLES = {
     "vs_concurrency": "TTFT and output throughput against load",
     "peak_memory": "Peak memory",
     "itl": "ITL distribution",
+    "frontier": "Capacity search: output throughput against per-user speed, per probe",
+    "timeline": "Telemetry timeline",
 }
 
 
@@ -530,6 +570,10 @@ def _comparison_blocks(c: Comparison, figures: dict[str, Path], out_dir: Path) -
             strong=True,
         )
     )
+    if c.capacity is not None:
+        fell = " ❌ this comparison fails." if c.capacity.verdict == "worse" else ""
+        line = capacity_line(c.capacity)
+        blocks.append(Para(line[0].upper() + line[1:] + fell, strong=True))
     blocks += [
         _sides_table(c),
         Bullets(_method_bullets(c, tested)),
@@ -638,6 +682,72 @@ def capacity(stats: Sequence[LevelStats], slo_ttft_ms: float) -> list[str]:
     return lines
 
 
+def _share(j: Mapping[str, Any]) -> str:
+    """A probe's share of requests missing an objective, with its interval."""
+    return f"{j['share']:.1%} [{j['share_low']:.1%}, {j['share_high']:.1%}]"
+
+
+def _probe_table(saved: Mapping[str, Any]) -> Table:
+    """Every probe of a capacity search: its load, what it measured and its verdict."""
+    header = ["load", "rounds", "requests"]
+    for name in saved["objectives"]:
+        header += [name.split(" <=")[0].split(" >=")[0], f"missed {name} [CI]"]
+    header += ["verdict", "goodput req/s", "out tok/s", "tok/s per user"]
+    rows, marked = [], []
+    for probe in saved["probes"]:
+        row = [f"{probe['load']:g}", str(probe["rounds"]), str(probe["requests"])]
+        for j in probe["objectives"]:
+            value = j["value"]
+            shown = (
+                "–"
+                if value is None
+                else f"{value:.1%}"
+                if j["objective"].startswith("success")
+                else _num(value)
+            )
+            row += [shown, _share(j)]
+        row += [
+            str(probe["verdict"]),
+            _num(probe["goodput"]),
+            _num(probe["output_throughput"]),
+            _num(probe["tokens_per_user"]),
+        ]
+        rows.append(row)
+        marked.append(probe["load"] == saved["capacity"])
+    return Table(header, rows, marked)
+
+
+def _capacity_blocks(
+    dirs: Sequence[Path], stats: Sequence[LevelStats], slo_ttft_ms: float, out_dir: Path
+) -> tuple[list[Block], dict[str, Path]]:
+    """A capacity search's answer and probes (capacity.json) where the runs searched; else
+    the capacity a sweep's levels show at `slo_ttft_ms`."""
+    searches = [(d.name, saved) for d in dirs if (saved := read_capacity(d)) is not None]
+    if not searches:
+        return [Para(line, strong=True) for line in capacity(stats, slo_ttft_ms)], {}
+    blocks: list[Block] = []
+    for name, saved in searches:
+        status = "" if saved["complete"] else " (the search stopped early: partial)"
+        blocks += [Para(str(saved["text"]) + status, strong=True)]
+        blocks += [Bullets([f"note: {n}" for n in saved["notes"]])] if saved["notes"] else []
+        blocks += [
+            Details(f"Capacity search of {name}: {len(saved['probes'])} probes", [
+                _probe_table(saved),
+                Para(
+                    "An objective on a percentile holds when at most the rest of the requests "
+                    "miss it (p99: 1%); a failed request misses every objective. Missed: the "
+                    f"share of requests that did, with its {saved['confidence']:.0%} "
+                    "Clopper-Pearson interval; meets / misses: certain at that confidence, "
+                    "uncertain otherwise. The capacity's row is bold. Goodput: requests/s "
+                    "meeting every objective; tok/s per user: 1000 / TPOT p50.",
+                    small=True,
+                ),
+            ])
+        ]  # fmt: skip
+    figure = frontier([(n, s["probes"]) for n, s in searches], out_dir / "frontier.png")
+    return blocks, {"frontier": figure}
+
+
 def _summary_table(stats: Sequence[LevelStats]) -> Table:
     """The level statistics under the names the console uses (bench/levels.py)."""
     header = ["level", "runs", "out tok/s", "± sd", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms"]
@@ -716,6 +826,40 @@ def _run_warnings(stats: Sequence[LevelStats]) -> list[str]:
     return out
 
 
+def _diagnosis_blocks(diagnosis: Diagnosis) -> list[Block]:
+    """bench.diagnose's findings, each with its evidence and knobs, or that none fired; and
+    the rules that lacked what they read."""
+    blocks: list[Block] = [Heading("Diagnosis")]
+    if diagnosis.findings:
+        items = [
+            f"{f.level} · {f.rule}: {f.title}. {f.detail} Evidence: {evidence_text(f.evidence)}. "
+            f"Knobs: {'; '.join(f.knobs)}."
+            for f in diagnosis.findings
+        ]
+        blocks.append(Bullets(items))
+    else:
+        rules = ", ".join(diagnosis.rules_evaluated()) or "none"
+        blocks.append(Para(f"No findings (rules evaluated: {rules})."))
+    skipped = not_evaluated_lines(diagnosis)
+    if skipped:
+        blocks.append(Para("Not evaluated: " + "; ".join(skipped) + ".", small=True))
+    return blocks
+
+
+def _timelines(loaded: store.StoredRun, out_dir: Path) -> dict[str, Path]:
+    """The telemetry timeline of each run: each has a clock of its own."""
+    run_ids = sorted({str(r) for r in loaded.runs["run_id"]})
+    if len(run_ids) == 1:
+        return {"timeline": timeline(loaded, out_dir / "timeline.png")}
+    out = {}
+    for run_id in run_ids:
+        one = store.StoredRun(
+            *(f[f["run_id"] == run_id] for f in (loaded.requests, loaded.runs, loaded.telemetry))
+        )
+        out[f"timeline {run_id}"] = timeline(one, out_dir / f"timeline-{run_id}.png")
+    return out
+
+
 def write_run_report(
     run_dirs: Sequence[Path], out_dir: Path, slo_ttft_ms: float = 2000.0
 ) -> dict[str, Path]:
@@ -730,10 +874,13 @@ def write_run_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     label = run_ids[0] if len(run_ids) == 1 else f"{len(run_ids)} runs"
     figures = all_figures([Build(label, runs, requests)], out_dir)
+    figures |= _timelines(loaded, out_dir)
 
     stats = level_stats(runs, requests)
     blocks: list[Block] = [Heading(f"Benchmark report: {label}", 1)]
-    blocks += [Para(line, strong=True) for line in capacity(stats, slo_ttft_ms)]
+    capacity_blocks, capacity_figures = _capacity_blocks(dirs, stats, slo_ttft_ms, out_dir)
+    figures |= capacity_figures
+    blocks += capacity_blocks
     blocks += [
         Heading("Results per load level"),
         _summary_table(stats),
@@ -745,6 +892,7 @@ def write_run_report(
             "the server's process tree (RSS).",
             small=True,
         ),
+        *_diagnosis_blocks(diagnose(loaded)),
         Heading("Environment"),
         _environment(runs, run_ids),
         *_figure_blocks(figures, out_dir),

@@ -3,21 +3,26 @@ exactly on the reference server."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from bench import capacity
+from bench.compare import Loaded, _capacity
 from bench.compose import compose
 from bench.config import BenchConfig, ConfigError
 from bench.records import RequestRecord
-from tests.synthetic import request_record, run_record
+from bench.report import capacity_line
+from tests.synthetic import request_record, run_record, side
 
 
 def _config(*overrides: str) -> BenchConfig:
@@ -157,13 +162,13 @@ def test_a_first_load_that_misses_means_no_capacity() -> None:
 def test_a_search_needs_an_objective_and_one_starting_load() -> None:
     with pytest.raises(ConfigError, match="needs an objective"):
         compose("scenario=capacity")
-    with pytest.raises(ConfigError, match="scenario.concurrency"):
+    with pytest.raises(ConfigError, match=r"scenario\.concurrency"):
         compose("scenario=capacity", "slo.ttft_ms=1", "scenario.concurrency=[1,2]")
-    with pytest.raises(ConfigError, match="scenario.request_rate"):
+    with pytest.raises(ConfigError, match=r"scenario\.request_rate"):
         compose("scenario=capacity", "slo.ttft_ms=1", "scenario.search=rate")
-    with pytest.raises(ConfigError, match="scenario.search: expected one of concurrency, rate"):
+    with pytest.raises(ConfigError, match=r"scenario\.search: expected one of concurrency, rate"):
         compose("scenario=capacity", "slo.ttft_ms=1", "scenario.search=users")
-    with pytest.raises(ConfigError, match="slo.success"):
+    with pytest.raises(ConfigError, match=r"slo\.success"):
         compose("scenario=capacity", "slo.success=1.5")
 
 
@@ -182,8 +187,6 @@ def test_the_reference_server_queues_beyond_its_slots(
         )
         with urllib.request.urlopen(req) as resp:
             return json.loads(resp.read())  # type: ignore[no-any-return]
-
-    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:
         first, second = (f.result() for f in [pool.submit(post), pool.submit(post)])
@@ -221,3 +224,43 @@ def test_the_search_finds_the_reference_servers_slot_limit_exactly(tmp_path: Pat
     three = next(p for p in saved["probes"] if p["load"] == 3)
     assert three["verdict"] == "meets" and three["requests"] >= 368
     assert three["goodput"] is not None and three["tokens_per_user"] > 0
+
+
+def _build_with_capacities(
+    tmp_path: Path, label: str, answers: list[tuple[float, float, float]]
+) -> Loaded:
+    """A build whose sessions each searched capacity: only their capacity.json matters here."""
+    dirs = []
+    for i, (cap, low, high) in enumerate(answers):
+        run_dir = tmp_path / label / str(i)
+        run_dir.mkdir(parents=True)
+        (run_dir / "capacity.json").write_text(
+            json.dumps(
+                {"capacity": cap, "low": low, "high": high, "unit": "users",
+                 "objectives": ["TTFT p99 <= 2000 ms"]}
+            )
+        )  # fmt: skip
+        dirs.append(str(run_dir))
+    return Loaded(dataclasses.replace(side(label), run_dirs=dirs), pd.DataFrame(), pd.DataFrame())
+
+
+@pytest.mark.parametrize(
+    ("candidate", "verdict", "words"),
+    [
+        ([(16, 15, 17)], "better", "higher: every candidate interval lies above"),
+        ([(8, 7, 9)], "worse", "lower: every candidate interval lies below"),
+        ([(13, 11, 14)], "~", "no change shown: the intervals overlap"),
+    ],
+)
+def test_compare_sets_the_capacities_side_by_side(
+    tmp_path: Path, candidate: list[tuple[float, float, float]], verdict: str, words: str
+) -> None:
+    base = _build_with_capacities(tmp_path, "baseline", [(12, 12, 12), (13, 12, 13)])
+    cand = _build_with_capacities(tmp_path, "candidate", candidate)
+    pair = _capacity(base, cand, [])
+    assert pair is not None and pair.verdict == verdict
+    line = capacity_line(pair)
+    assert line.startswith(
+        "capacity (users) at TTFT p99 <= 2000 ms: baseline 12 [12-12], 13 [12-13]"
+    )
+    assert words in line

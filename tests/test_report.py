@@ -359,7 +359,8 @@ def test_the_run_report_has_a_row_per_level_with_the_p99_of_all_its_requests(
 
 def test_the_run_report_has_html_and_linked_figures(single: dict[str, Path]) -> None:
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", _md(single))
-    assert len(links) == 5 and all((single["md"].parent / link).is_file() for link in links)
+    # The five of a comparison, and the run's telemetry timeline.
+    assert len(links) == 6 and all((single["md"].parent / link).is_file() for link in links)
     assert "data:image/png;base64," in single["html"].read_text(encoding="utf-8")
 
 

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help install test test-fast lint format baseline compare-quant serve refserver calibrate client-capacity clean
+.PHONY: help install test test-fast lint format baseline capacity compare-quant serve refserver calibrate client-capacity clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ test-fast: $(INSTALLED)  ## Only the fast tests
 baseline: $(INSTALLED)  ## The standard scenarios on the bundled engine (tiny), kept as baseline `main`
 	$(BIN)/python -m bench -m scenario=short_qa,long_generation,concurrency target=bundled \
 		baseline.save=main
+
+capacity: $(INSTALLED)  ## The most users the bundled engine (tiny) serves with TTFT p99 <= 2 s
+	$(BIN)/python -m bench scenario=capacity target=bundled slo.ttft_ms=2000
 
 # Interleaved A/B (A B B A ...) on this machine: the float build against the int8 one.
 QUANT ?= int8

@@ -8,7 +8,7 @@ measured in rounds (one round is one repeat of the level: `scenario.num_requests
 closed loop at least `capacity.requests_per_user` per user); every probe gets
 `scenario.repeats` rounds.
 
-Judging. An objective such as "TTFT p99 <= 2000 ms" holds when at most 1% of requests are
+Judging. An objective such as "TTFT p99 ≤ 2000 ms" holds when at most 1% of requests are
 slower than 2000 ms; a failed request is slower than every bound (it never delivered), and
 `slo.success=0.99` allows 1% of requests to fail. So each objective asks what share of
 requests misses it, and its Clopper-Pearson interval at `capacity.confidence` says whether the
@@ -56,7 +56,8 @@ _NAMES = {"ttft_ms": "TTFT", "tpot_ms": "TPOT", "e2e_ms": "E2E"}
 
 @dataclass(frozen=True)
 class Objective:
-    name: str  # "TTFT p99 <= 2000 ms", "success >= 99%"
+    label: str  # what it judges: "TTFT p99", "success"
+    name: str  # the whole objective: "TTFT p99 ≤ 2000 ms", "success ≥ 99.0%"
     metric: str  # ttft_ms | tpot_ms | e2e_ms | success
     bound: float  # ms; for success the least share that must succeed
     allowed: float  # the share of requests that may miss it
@@ -78,12 +79,15 @@ class Objective:
 def objectives(slo: SloConfig) -> list[Objective]:
     q = slo.percentile / 100.0
     out = [
-        Objective(f"{_NAMES[m]} p{slo.percentile:g} <= {bound:g} ms", m, bound, 1.0 - q)
+        Objective(label, f"{label} ≤ {bound:g} ms", m, bound, 1.0 - q)
         for m, bound in slo.latency_bounds.items()
+        if (label := f"{_NAMES[m]} p{slo.percentile:g}")
     ]
     if slo.success is not None:
         out.append(
-            Objective(f"success >= {slo.success:.1%}", "success", slo.success, 1 - slo.success)
+            Objective(
+                "success", f"success ≥ {slo.success:.1%}", "success", slo.success, 1 - slo.success
+            )
         )
     return out
 
@@ -92,7 +96,8 @@ def objectives(slo: SloConfig) -> list[Objective]:
 class Judgement:
     """One objective at one probe."""
 
-    objective: str
+    objective: str  # its name
+    label: str  # what it judges, for table columns: "TTFT p99"
     value: float | None  # the percentile of the successful requests (ms), or the success share
     misses: int  # requests that missed the objective, over every round
     requests: int
@@ -154,6 +159,7 @@ def judge(
         value = float(np.percentile(values, q)) if values else None
     return Judgement(
         objective.name,
+        objective.label,
         value,
         sum(misses),
         n,
@@ -302,9 +308,7 @@ class Search:
         """A probe's state in a few words, for the progress log."""
         probe = self.probes[load]
         parts = [
-            f"{j.objective.split(' <=')[0].split(' >=')[0]} {_value(j)} "
-            f"({j.misses}/{j.requests} missed)"
-            for j in probe.judgements
+            f"{j.label} {_value(j)} ({j.misses}/{j.requests} missed)" for j in probe.judgements
         ]
         verdict: str = probe.verdict
         if verdict == "uncertain":
@@ -334,7 +338,7 @@ class Search:
             return None
         grown = load * self.cfg.growth
         if self.dimension == "concurrency":
-            grown = max(load + 1, math.ceil(grown))
+            return min(float(max(load + 1, math.ceil(grown))), math.floor(self.cfg.max_load))
         return min(_round_rate(grown), self.cfg.max_load)
 
     def _down(self, load: float) -> float | None:
@@ -442,7 +446,7 @@ class Search:
 def _value(j: Judgement) -> str:
     if j.value is None:
         return "-"
-    return f"{j.value:.1%}" if j.objective.startswith("success") else f"{j.value:,.1f} ms"
+    return f"{j.value:.1%}" if j.label == "success" else f"{j.value:,.1f} ms"
 
 
 def _round_rate(value: float) -> float:

@@ -51,7 +51,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import baseline as baselines
-from bench import capacity, stats
+from bench import capacity, stats, store
 from bench.comparison import (
     INTERLEAVED,
     STORED,
@@ -67,6 +67,7 @@ from bench.comparison import (
     Row,
     Side,
 )
+from bench.diagnosis import diagnose
 from bench.environment import Machine, commits_behind, version_differences, versions
 from bench.figures import Build
 from bench.levels import Level, level_requests, levels_of, peak_memory, run_peaks
@@ -137,8 +138,6 @@ class Loaded:
 
 
 def load_side(label: str, source: str, run_dirs: Sequence[Path]) -> Loaded:
-    from bench import store
-
     loaded = [store.load(d) for d in run_dirs]
     runs = pd.concat([x.runs for x in loaded], ignore_index=True)
     requests = pd.concat([x.requests for x in loaded], ignore_index=True)
@@ -694,7 +693,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sides = (base, cand)
         labels = [x.side.label + (f" ({x.side.engine})" if x.side.engine else "") for x in sides]
         builds = [Build(lb, x.runs, x.requests) for lb, x in zip(labels, sides, strict=True)]
-        paths = write_comparison_report(result, builds, Path(cfg.report))
+        candidate = store.load_all([Path(d) for d in cand.side.run_dirs])
+        paths = write_comparison_report(result, builds, Path(cfg.report), diagnose(candidate))
         print(f"report: {paths['md']}")
     return EXIT_REGRESSION if result.failed else 0
 

@@ -266,10 +266,23 @@ class _LevelData:
             idle += max(0.0, w.end_s - w.start_s - busy)
         return idle / total if total > 0 else math.nan
 
+    @property
+    def bundled(self) -> bool:
+        """Whether the bundled engine served the level: its batch limit is then known."""
+        return bool((self.runs["target_kind"] == "bundled").all())
+
+    def batch_limit(self) -> tuple[int, bool] | None:
+        """The bundled engine's --max-num-seqs and whether it is the default; None for other
+        servers, whose limit is not in the run's config."""
+        if not self.bundled:
+            return None
+        set_to = self.max_num_seqs()
+        return (self.thresholds.default_max_num_seqs, True) if set_to is None else (set_to, False)
+
     def max_num_seqs(self) -> int | None:
         """runtime.max_num_seqs as the run's config set it (bundled engine), else None."""
-        if not (self.runs["target_kind"] == "bundled").all():
-            return None  # another server's batch limit is not in the run's config
+        if not self.bundled:
+            return None
         for text in self.runs["config_yaml"].dropna():
             try:
                 value = OmegaConf.select(OmegaConf.create(str(text)), "runtime.max_num_seqs")
@@ -344,16 +357,15 @@ def _under_fed(lv: _LevelData) -> _Fired | None:
         evidence["gpu_util_pct_mean"] = util
         room = f"the GPUs averaged {util:.0f}% utilisation"
     else:
-        set_to = lv.max_num_seqs()
-        bundled = bool((lv.runs["target_kind"] == "bundled").all())
         # Another server's batch limit is unknown: only its idle time can show room.
-        ceiling = set_to or (t.default_max_num_seqs if bundled else None)
+        limit = lv.batch_limit()
+        ceiling = None if limit is None else limit[0]
         running = lv.values(RUNNING)
         mean = float(running.mean()) if len(running) >= t.min_scrapes else math.nan
         small = ceiling is not None and mean < t.low_running_share * ceiling  # False for nan
         if not (small or idle > t.idle_share):
             return None
-        whose = "--max-num-seqs" if set_to else "the default --max-num-seqs"
+        whose = "the default --max-num-seqs" if limit and limit[1] else "--max-num-seqs"
         parts = [f"the server was idle (no request in flight) {idle:.0%} of the time"]
         if math.isfinite(mean) and ceiling is not None:
             evidence |= {"running_mean": mean, "max_num_seqs": ceiling}
@@ -389,7 +401,7 @@ def _batch_cap(lv: _LevelData) -> _Fired | None:
     free, kv = _not_kv_pressure(lv)
     if not free:
         return None  # kv_pressure's finding: the cache, not the batch limit, caps the batch
-    set_to = lv.max_num_seqs()
+    limit = lv.batch_limit()
     evidence = {
         "ceiling": ceiling,
         "pinned_share": pinned,
@@ -397,10 +409,11 @@ def _batch_cap(lv: _LevelData) -> _Fired | None:
         "waiting_mean": float(waiting.mean()),
     }
     cap = f"{ceiling:.0f}"
-    if set_to is not None:
-        evidence["max_num_seqs"] = set_to
-        same = set_to == ceiling
-        cap += f" (= --max-num-seqs {set_to})" if same else f" (--max-num-seqs is {set_to})"
+    if limit is not None:
+        value, default = limit
+        evidence["max_num_seqs"] = value
+        flag = f"--max-num-seqs {value}" + (", the default" if default else "")
+        cap += f" (= {flag})" if value == ceiling else f" ({flag})"
     if len(kv):
         evidence["kv_usage_max"] = float(kv.max())
         memory = f"KV cache usage peaked at {kv.max():.0%}, so memory is not what holds them back"

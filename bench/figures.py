@@ -707,7 +707,7 @@ def _frontier_figure(searches: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]
     ax.set_title("Throughput against per-user speed, each probe labelled with its load")
     handles = [Line2D([], [], color=colour(i), lw=2) for i in range(len(searches))]
     handles += [Line2D([], [], color="0.3", marker=m, ls="") for m in _VERDICT_MARKERS.values()]
-    labels = [label for label, _ in searches] + [f"{v} the objectives" for v in _VERDICT_MARKERS]
+    labels = [label for label, _ in searches] + [f"verdict: {v}" for v in _VERDICT_MARKERS]
     _legend(fig, handles, labels)
     return fig
 

@@ -615,9 +615,13 @@ def _comparison_blocks(c: Comparison, figures: dict[str, Path], out_dir: Path) -
 
 
 def write_comparison_report(
-    comparison: Comparison, builds: Sequence[Build], out_dir: Path
+    comparison: Comparison,
+    builds: Sequence[Build],
+    out_dir: Path,
+    diagnosis: Diagnosis | None = None,
 ) -> dict[str, Path]:
-    """report.md (for a pull-request comment), report.html and the figures, into out_dir.
+    """report.md (for a pull-request comment), report.html and the figures, into out_dir;
+    `diagnosis`: the candidate's, as a collapsed section (why it was not faster).
 
     Returns {"md": ..., "html": ..., <figure name>: ...}.
     """
@@ -625,6 +629,10 @@ def write_comparison_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = all_figures(builds, out_dir)
     blocks = _comparison_blocks(comparison, figures, out_dir)
+    if diagnosis is not None:
+        found = len(diagnosis.findings)
+        title = f"Diagnosis of the candidate: {found} finding{'s' * (found != 1)}"
+        blocks.append(Details(title, _diagnosis_blocks(diagnosis)[1:]))
     title = f"{comparison.candidate.source} vs {comparison.baseline.source}"
     return _write(title, blocks, figures, out_dir)
 
@@ -690,8 +698,9 @@ def _share(j: Mapping[str, Any]) -> str:
 def _probe_table(saved: Mapping[str, Any]) -> Table:
     """Every probe of a capacity search: its load, what it measured and its verdict."""
     header = ["load", "rounds", "requests"]
-    for name in saved["objectives"]:
-        header += [name.split(" <=")[0].split(" >=")[0], f"missed {name} [CI]"]
+    for j in saved["probes"][0]["objectives"]:
+        unit = "" if j["label"] == "success" else " ms"
+        header += [j["label"] + unit, f"missed {j['objective']} [CI]"]
     header += ["verdict", "goodput req/s", "out tok/s", "tok/s per user"]
     rows, marked = [], []
     for probe in saved["probes"]:
@@ -699,11 +708,7 @@ def _probe_table(saved: Mapping[str, Any]) -> Table:
         for j in probe["objectives"]:
             value = j["value"]
             shown = (
-                "–"
-                if value is None
-                else f"{value:.1%}"
-                if j["objective"].startswith("success")
-                else _num(value)
+                "–" if value is None else f"{value:.1%}" if j["label"] == "success" else _num(value)
             )
             row += [shown, _share(j)]
         row += [

@@ -26,8 +26,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     [
         (["scenario.concurency=[1]"], "scenario.concurency: no such key; did you mean "
          "scenario.concurrency?"),
-        (["scenario=nope"], "the scenario files in scenarios/scenario/ are capacity, concurrency, lengths, "
-         "long_generation, short_qa"),
+        (["scenario=nope"], "the scenario files in scenarios/scenario/ are capacity, concurrency, "
+         "lengths, long_generation, short_qa"),
         (["target=bundled", "target.model=llama-9000"], "target.model: 'llama-9000' is neither "
          "`tiny`, a named architecture"),
     ],

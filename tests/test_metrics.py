@@ -8,7 +8,7 @@ from bench.config import SloConfig
 from bench.metrics import Distribution, summarize
 from bench.records import SCHEMA_VERSION, RequestRecord
 
-NO_SLO = SloConfig(None, None, None)
+NO_SLO = SloConfig(ttft_ms=None, tpot_ms=None, e2e_ms=None, percentile=99.0, success=None)
 
 
 def _req(ok: bool = True, ttft: float = 100.0, out: int = 11, e2e: float = 200.0) -> RequestRecord:

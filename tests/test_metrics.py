@@ -56,7 +56,7 @@ def test_itl_pools_every_gap_and_tpot_excludes_the_first_token() -> None:
 
 def test_goodput_counts_only_requests_meeting_every_slo() -> None:
     reqs = [_req(ttft=50.0), _req(ttft=150.0), _req(ttft=90.0, e2e=900.0)]
-    m = summarize(reqs, duration_s=1.0, slo=SloConfig(ttft_ms=100.0, tpot_ms=None, e2e_ms=500.0))
+    m = summarize(reqs, duration_s=1.0, slo=SloConfig(100.0, None, 500.0, 99.0, None))
     assert m.goodput == 1.0
     assert summarize(reqs, 1.0, NO_SLO).goodput is None
 

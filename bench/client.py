@@ -7,6 +7,11 @@ Tokens are attributed to the events that carried them, so a server that flushes 
 tokens per event does not corrupt ITL: from per-chunk usage deltas when the server sends them
 (`continuous_usage_stats`), else from a local tokenizer, else one token per event. Which source
 was used is recorded with every request.
+
+Reasoning models stream their thinking before the answer, in chat deltas' `reasoning_content`
+(vLLM's older name) or `reasoning` (newer vLLM, OpenRouter). Those tokens are output tokens:
+they count for TTFT, ITL and TPOT like any other. Each event is also classed as reasoning or
+answer, which gives the time to the first answer token (TTFO) and the reasoning token count.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ class RequestResult:
     # The server's own account of the request, where its final usage carries one (the bundled
     # engine's `usage.timings`): queue_ms, prefill_ms, decode_ms, e2e_ms.
     server_timings: dict[str, float] | None = None
+    # The first answer (non-reasoning) event, set only when reasoning was streamed: without
+    # reasoning the first token is the first answer token, and TTFT already says when it came.
+    first_output_s: float | None = None
+    reasoning_tokens: int | None = None  # of output_tokens; None when there were none
 
     @property
     def first_token_s(self) -> float | None:
@@ -86,18 +95,32 @@ def endpoint_url(target: TargetConfig) -> str:
     return f"{target.base_url}{path}"
 
 
-def _chunk_text(chunk: dict[str, Any]) -> str:
+# Where chat deltas carry reasoning: vLLM's older name, then newer vLLM's and OpenRouter's.
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+
+
+@dataclass(frozen=True)
+class ChunkText:
+    """The output text one chunk carried, the answer apart from the reasoning."""
+
+    answer: str
+    reasoning: str
+
+
+def chunk_text(chunk: dict[str, Any]) -> ChunkText:
     choices = chunk.get("choices") or []
     if not choices:
-        return ""
+        return ChunkText("", "")
     choice = choices[0]
-    if "text" in choice:
-        return str(choice.get("text") or "")
+    if "text" in choice:  # /v1/completions has no reasoning field
+        return ChunkText(str(choice.get("text") or ""), "")
     delta = choice.get("delta") or {}
-    # Reasoning models (e.g. GPT-OSS behind vLLM) stream thinking tokens outside `content`;
-    # they are output tokens all the same.
-    parts = (delta.get(k) for k in ("content", "reasoning_content", "reasoning"))
-    return "".join(p for p in parts if isinstance(p, str))
+    content = delta.get("content")
+    reasoning = (delta.get(k) for k in REASONING_FIELDS)
+    return ChunkText(
+        content if isinstance(content, str) else "",
+        "".join(r for r in reasoning if isinstance(r, str)),
+    )
 
 
 def _error_message(body: bytes) -> str:
@@ -117,7 +140,7 @@ class _Stream:
 
     def __init__(self) -> None:
         self.times: list[float] = []
-        self.texts: list[str] = []
+        self.texts: list[ChunkText] = []
         self.cum_usage: list[int | None] = []  # completion_tokens so far, per event
         self.final_usage: dict[str, Any] | None = None
         self.last_s: float | None = None
@@ -129,12 +152,12 @@ class _Stream:
             if isinstance(usage, dict):
                 self.final_usage = usage
             return
-        text = _chunk_text(chunk)
+        text = chunk_text(chunk)
         cum = usage.get("completion_tokens") if isinstance(usage, dict) else None
         if isinstance(usage, dict):
             self.final_usage = usage
         previous = next((c for c in reversed(self.cum_usage) if c is not None), 0)
-        if not text and (cum is None or cum <= previous):
+        if not (text.answer or text.reasoning) and (cum is None or cum <= previous):
             return  # role-only or keep-alive chunk: no token arrived
         self.times.append(arrived_s)
         self.texts.append(text)
@@ -157,23 +180,57 @@ class _Stream:
         elif tokenizer is not None:
             # Each event's text alone: linear cost on the measuring loop (re-encoding the growing
             # text would be quadratic), exact unless a merge spans two events.
-            counts = [len(tokenizer.encode(t, add_special_tokens=False)) for t in self.texts]
+            counts = [
+                len(tokenizer.encode(t.reasoning + t.answer, add_special_tokens=False))
+                for t in self.texts
+            ]
             result.token_attribution = "tokenizer"
         else:
             counts = [1] * len(self.times)
             result.token_attribution = "events"
         # An event whose text only completed a multi-byte character carries no new token.
-        kept = [(t, k) for t, k in zip(self.times, counts, strict=True) if k > 0]
-        result.event_s = [t for t, _ in kept]
-        result.event_tokens = [k for _, k in kept]
+        kept = [
+            (t, k, r)
+            for t, k, r in zip(self.times, counts, _reasoning_events(self.texts), strict=True)
+            if k > 0
+        ]
+        result.event_s = [t for t, _, _ in kept]
+        result.event_tokens = [k for _, k, _ in kept]
         if isinstance(usage.get("completion_tokens"), int):
             result.output_tokens, result.output_tokens_source = usage["completion_tokens"], "usage"
         elif tokenizer is not None:
-            text = "".join(self.texts)
+            text = "".join(t.reasoning + t.answer for t in self.texts)
             result.output_tokens = len(tokenizer.encode(text, add_special_tokens=False))
             result.output_tokens_source = "tokenizer"
         else:
             result.output_tokens, result.output_tokens_source = sum(counts), "events"
+        streamed = sum(k for _, k, r in kept if r)
+        if streamed:
+            result.first_output_s = next((t for t, _, r in kept if not r), None)
+        details = usage.get("completion_tokens_details")
+        reported = details.get("reasoning_tokens") if isinstance(details, dict) else None
+        # The server's count where it gives one: it also covers reasoning it never streamed
+        # (OpenAI's o-series hide it). A reported 0 beside streamed reasoning is a server that
+        # does not count it, so the events' count stands.
+        result.reasoning_tokens = (
+            reported if isinstance(reported, int) and reported > 0 else streamed or None
+        )
+
+
+def _reasoning_events(texts: list[ChunkText]) -> list[bool]:
+    """Which events are reasoning: those whose text is all reasoning. An event carrying both
+    (the turn to the answer, where a server flushes several tokens at once) is an answer event,
+    so its reasoning tokens are not counted from events. An event without text (a usage-only
+    increment, e.g. a reasoning parser's stripped `</think>`) belongs with the event before it,
+    or at the start of the stream with the first event that has text."""
+    kinds: list[bool | None] = [
+        None if not (t.reasoning or t.answer) else not t.answer for t in texts
+    ]
+    first = next((k for k in kinds if k is not None), False)
+    out: list[bool] = []
+    for kind in kinds:
+        out.append((out[-1] if out else first) if kind is None else kind)
+    return out
 
 
 async def send(

@@ -28,8 +28,15 @@ from omegaconf.errors import ValidationError as OmegaConfValidationError
 from bench.config import SCENARIOS_DIR, BenchConfig, ConfigError, from_hydra
 from bench.schema import expected_type
 
-# The config groups (a value selects a file): the folders of scenarios/.
-GROUPS = tuple(sorted(p.name for p in SCENARIOS_DIR.iterdir() if p.is_dir() and p.name != "hydra"))
+# The config groups (a value selects a file): the folders of scenarios/ that hold YAML files
+# (scenarios/data holds the sample dataset and trace, hydra/ Hydra's own settings).
+GROUPS = tuple(
+    sorted(
+        p.name
+        for p in SCENARIOS_DIR.iterdir()
+        if p.is_dir() and p.name != "hydra" and any(p.glob("*.yaml"))
+    )
+)
 
 
 def compose(*overrides: str) -> BenchConfig:

@@ -23,6 +23,15 @@ ENDPOINTS = ("completions", "chat")
 PROMPT_FORMATS = ("auto", "token_ids", "text")
 TARGET_KINDS = ("openai", "refserver", "bundled")
 SEARCHES = ("concurrency", "rate")
+LENGTH_DISTRIBUTIONS = ("fixed", "uniform", "normal", "lognormal", "dataset")
+# A dataset's format, and the suffixes `auto` reads it from (a directory: `save_to_disk`).
+DATASET_FORMATS = {
+    "sharegpt": (".json",),
+    "jsonl": (".jsonl",),
+    "csv": (".csv",),
+    "parquet": (".parquet",),
+    "arrow": (".arrow",),
+}
 
 
 class ConfigError(ValueError):
@@ -93,12 +102,31 @@ class LoadLevel:
 
 
 @dataclass(frozen=True)
+class DatasetConfig:
+    """A local file of prompts (bench/datasets.py reads it)."""
+
+    path: str
+    format: str  # one of DATASET_FORMATS, `auto` already resolved
+    prompt_column: str
+    output_column: str | None  # a token count or a reply whose tokens are counted
+
+
+@dataclass(frozen=True)
 class ScenarioConfig:
     name: str
     description: str
+    # A trace replay's are the trace's mean lengths (the level's label); each request has its own.
     input_tokens: tuple[int, ...]
     output_tokens: tuple[int, ...]
+    length_distribution: str
     range_ratio: float
+    length_sd: float  # normal: standard deviation as a fraction of the mean
+    length_sigma: float  # lognormal: the sigma of the log of the length
+    dataset: DatasetConfig | None
+    prefix_groups: int  # 0: no shared prefixes
+    prefix_tokens: int
+    trace_path: str | None
+    time_scale: float
     concurrency: tuple[int, ...]
     request_rate: tuple[float, ...] | None
     max_concurrency: int | None
@@ -231,21 +259,134 @@ def _scenario(c: Mapping[str, Any]) -> ScenarioConfig:
     search = c["search"]
     if search is not None:
         _check_search(_choice(k + "search", search, SEARCHES), ins, outs, c, rates)
+    dataset = _dataset(c["dataset"])
+    distribution = _distribution(c, dataset)
+    groups = _int(k + "prefix_groups", c["prefix_groups"], minimum=0)
+    prefix = _int(k + "prefix_tokens", c["prefix_tokens"], minimum=0)
+    if groups:
+        _check_prefix(prefix, ins, dataset)
+    num_requests = _int(k + "num_requests", c["num_requests"])
+    trace_path = _str(k + "trace_path", c["trace_path"], optional=True)
+    time_scale = _float(k + "time_scale", c["time_scale"])
+    if trace_path is not None:
+        # The trace sets the level: its mean lengths (the label) and its mean arrival rate, so
+        # the level goes down the open loop with the trace's own send times.
+        _check_trace(c, dataset, groups)
+        from bench import traces  # imported here: bench.traces raises this module's ConfigError
+
+        summary = traces.summary(traces.load(trace_path), num_requests, time_scale)
+        ins, outs = (summary.input_tokens,), (summary.output_tokens,)
+        rates, num_requests = (summary.request_rate,), summary.requests
     return ScenarioConfig(
         name=str(_str(k + "name", c["name"])),
         description=str(c.get("description") or ""),
         input_tokens=ins,
         output_tokens=outs,
+        length_distribution=distribution,
         range_ratio=_range_ratio(c["range_ratio"]),
+        length_sd=_float(k + "length_sd", c["length_sd"]),
+        length_sigma=_float(k + "length_sigma", c["length_sigma"]),
+        dataset=dataset,
+        prefix_groups=groups,
+        prefix_tokens=prefix,
+        trace_path=trace_path,
+        time_scale=time_scale,
         concurrency=_int_list(k + "concurrency", c["concurrency"]),
         request_rate=rates,
         max_concurrency=None if max_conc is None else _int(k + "max_concurrency", max_conc),
         burstiness=_float(k + "burstiness", c["burstiness"]),
-        num_requests=_int(k + "num_requests", c["num_requests"]),
+        num_requests=num_requests,
         repeats=_int(k + "repeats", c["repeats"]),
         warmup_requests=_int(k + "warmup_requests", c["warmup_requests"], minimum=0),
         search=search,
     )
+
+
+def _dataset(c: Mapping[str, Any]) -> DatasetConfig | None:
+    k = "scenario.dataset."
+    path = _str(k + "path", c["path"], optional=True)
+    if path is None:
+        return None
+    if not Path(path).exists():
+        raise ConfigError(
+            f"{k}path: no such file or directory {path!r} (relative paths start from the "
+            "working directory); the demo file is scenarios/data/conversations.json"
+        )
+    fmt = _choice(k + "format", c["format"], ("auto", *DATASET_FORMATS))
+    if fmt == "auto":
+        fmt = _dataset_format(path)
+    return DatasetConfig(
+        path=path,
+        format=fmt,
+        prompt_column=str(_str(k + "prompt_column", c["prompt_column"])),
+        output_column=_str(k + "output_column", c["output_column"], optional=True),
+    )
+
+
+def _dataset_format(path: str) -> str:
+    """The format `auto` means for `path`: from its suffix; a directory is `save_to_disk`'s."""
+    if Path(path).is_dir():
+        return "arrow"
+    suffix = Path(path).suffix.lower()
+    for fmt, suffixes in DATASET_FORMATS.items():
+        if suffix in suffixes:
+            return fmt
+    known = ", ".join(f"{s} ({f})" for f, ss in DATASET_FORMATS.items() for s in ss)
+    raise ConfigError(
+        f"scenario.dataset.format: auto cannot tell the format of {path!r} from its suffix "
+        f"(known: {known}, or a save_to_disk directory); set scenario.dataset.format"
+    )
+
+
+def _distribution(c: Mapping[str, Any], dataset: DatasetConfig | None) -> str:
+    k = "scenario."
+    distribution = _choice(
+        k + "length_distribution", c["length_distribution"], LENGTH_DISTRIBUTIONS
+    )
+    if distribution == "dataset" and dataset is None:
+        raise ConfigError(
+            "scenario.length_distribution=dataset takes the lengths of a dataset's rows: set "
+            "scenario.dataset.path=FILE (scenario=dataset uses the demo file)"
+        )
+    if distribution != "uniform" and c["range_ratio"] != 0:
+        raise ConfigError(
+            f"scenario.range_ratio: spreads lengths of length_distribution=uniform only, and "
+            f"the distribution is {distribution}; set scenario.range_ratio=0"
+        )
+    return distribution
+
+
+def _check_prefix(prefix: int, ins: tuple[int, ...], dataset: DatasetConfig | None) -> None:
+    if dataset is not None:
+        raise ConfigError(
+            "scenario.prefix_groups: shared prefixes are built of random tokens, and "
+            "scenario.dataset.path sends the dataset's own prompts; set one of them"
+        )
+    if prefix < 1:
+        raise _fail("scenario.prefix_tokens", "an integer >= 1 with scenario.prefix_groups", prefix)
+    if min(ins) <= prefix:
+        raise ConfigError(
+            f"scenario.prefix_tokens: expected fewer than scenario.input_tokens ({min(ins)}), "
+            f"so that every request has tokens of its own after the prefix; got {prefix}"
+        )
+
+
+def _check_trace(c: Mapping[str, Any], dataset: DatasetConfig | None, groups: int) -> None:
+    """A trace sets lengths, prompts and arrival times itself."""
+    clash = [
+        key
+        for key, set_ in (
+            ("scenario.dataset.path", dataset is not None),
+            ("scenario.prefix_groups", groups > 0),
+            ("scenario.search", c["search"] is not None),
+        )
+        if set_
+    ]
+    if clash:
+        raise ConfigError(
+            f"scenario.trace_path: a trace gives every request's prompt, lengths and send time; "
+            f"unset {', '.join(clash)}"
+        )
 
 
 def _check_search(

@@ -20,7 +20,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -718,13 +718,85 @@ def frontier(searches: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: 
     return _save(_frontier_figure(searches), path)
 
 
+# ---- shared prefixes ----------------------------------------------------------------------
+
+
+def _grouped(requests: pd.DataFrame) -> pd.DataFrame:
+    """Successful requests that belong to a group (scenario.prefix_groups), TTFT known."""
+    if "group_position" not in requests.columns or not len(requests):
+        return requests.iloc[0:0]
+    ok = _ok(requests)
+    return ok[ok["group_position"].notna() & ok["ttft_ms"].notna()]
+
+
+def has_groups(builds: Sequence[Build]) -> bool:
+    """Whether any build's requests carry a position in a group (docs/metrics.md)."""
+    return any(len(_grouped(b.requests)) for b in builds)
+
+
+def ttft_by_position_points(requests: pd.DataFrame) -> pd.DataFrame:
+    """TTFT p50 and p99 (ms) per position in group, pooled over groups, levels and repeats:
+    columns position, p50, p99, n."""
+    rows = [
+        (
+            int(cast(float, position)),
+            *np.percentile(frame["ttft_ms"].to_numpy(np.float64), [50, 99]),
+            len(frame),
+        )
+        for position, frame in _grouped(requests).groupby("group_position")
+    ]
+    return pd.DataFrame(rows, columns=["position", "p50", "p99", "n"])
+
+
+def _ttft_by_position_figure(builds: Sequence[Build]) -> Figure:
+    _check(builds)
+    fig = _figure(3.4)
+    ax = fig.subplots()
+    values: list[float] = []
+    positions: set[int] = set()
+    for i, b in enumerate(builds):
+        points = ttft_by_position_points(b.requests)
+        for q, style in (("p50", "-"), ("p99", "--")):
+            ax.plot(points["position"], points[q], style, color=colour(i), marker="o")
+        values.extend(points["p50"].tolist() + points["p99"].tolist())
+        positions.update(points["position"].tolist())
+    if not positions:
+        _note(ax, "no request belongs to a group")
+    else:
+        ax.xaxis.set_major_locator(FixedLocator(sorted(positions)))
+    if _spans(values):
+        _log_axis(ax, "y", values)
+    ax.set_xlabel("position in group (0: the first request with its prefix)")
+    ax.set_ylabel("TTFT (ms)")
+    ax.grid(alpha=0.3)
+    handles = _build_handles(builds)
+    handles += [Line2D([], [], color="0.3", ls="-"), Line2D([], [], color="0.3", ls="--")]
+    _legend(fig, handles, [*_failures(builds), "TTFT p50", "TTFT p99"])
+    fig.suptitle(
+        "TTFT by position in shared-prefix group: position 0 computes the prefix, later ones "
+        "may reuse it",
+        fontsize=10,
+    )
+    return fig
+
+
+def ttft_by_group_position(builds: Sequence[Build], path: Path) -> Path:
+    """TTFT p50/p99 against the request's position in its shared-prefix group."""
+    return _save(_ttft_by_position_figure(builds), path)
+
+
 def all_figures(builds: Sequence[Build], out_dir: Path) -> dict[str, Path]:
-    """Every figure as out_dir/<name>.png: ttft_cdf, e2e_cdf, vs_concurrency, peak_memory, itl."""
+    """Every figure as out_dir/<name>.png: ttft_cdf, e2e_cdf, vs_concurrency, peak_memory, itl,
+    and ttft_by_group_position where requests belong to shared-prefix groups."""
     out_dir = Path(out_dir)
-    return {
+    figures = {
         "ttft_cdf": latency_cdf(builds, "ttft_ms", out_dir / "ttft_cdf.png"),
         "e2e_cdf": latency_cdf(builds, "e2e_ms", out_dir / "e2e_cdf.png"),
         "vs_concurrency": vs_concurrency(builds, out_dir / "vs_concurrency.png"),
         "peak_memory": peak_memory(builds, out_dir / "peak_memory.png"),
         "itl": itl_distribution(builds, out_dir / "itl.png"),
     }
+    if has_groups(builds):
+        path = out_dir / "ttft_by_group_position.png"
+        figures["ttft_by_group_position"] = ttft_by_group_position(builds, path)
+    return figures

@@ -7,7 +7,8 @@ a level's numbers from `level_stats`, so one name never carries two numbers
 (docs/metrics.md, "The statistics of a level"):
 
 - TTFT, ITL, TPOT, E2E p50 / p99: over every successful request of every repeat, pooled (ITL:
-  every token gap), numpy's linear percentile as for each run's own;
+  every token gap), numpy's linear percentile as for each run's own; TTFO likewise, over those
+  that streamed reasoning before their answer (a level without any has no TTFO);
 - out tok/s, req/s: the mean over repeats of each run's value, ± their sample standard
   deviation;
 - peak MiB: `peak_memory`, the maximum over repeats of the GPU total where NVML measured it,
@@ -45,7 +46,17 @@ RUN_COLUMNS = (
     "peak_gpu_memory_mib_total",
     "peak_rss_mib",
 )
-REQUEST_COLUMNS = ("run_id", "level", "scenario", "ok", "ttft_ms", "itl_ms", "tpot_ms", "e2e_ms")
+REQUEST_COLUMNS = (
+    "run_id",
+    "level",
+    "scenario",
+    "ok",
+    "ttft_ms",
+    "ttfo_ms",
+    "itl_ms",
+    "tpot_ms",
+    "e2e_ms",
+)
 
 
 def load_text(concurrency: int | None, request_rate: float | None) -> str:
@@ -185,6 +196,7 @@ class LevelStats:
     sent: int
     completed: int
     ttft_ms: Distribution  # pooled over the level's successful requests
+    ttfo_ms: Distribution  # pooled over those with reasoning before the answer; often empty
     itl_ms: Distribution  # pooled over their token gaps
     tpot_ms: Distribution
     e2e_ms: Distribution
@@ -197,6 +209,11 @@ class LevelStats:
     @property
     def failed(self) -> int:
         return self.sent - self.completed
+
+    @property
+    def has_ttfo(self) -> bool:
+        """Whether any request of the level streamed reasoning before its answer."""
+        return self.ttfo_ms.p50 is not None
 
     @property
     def success_rate(self) -> float:
@@ -233,6 +250,7 @@ def level_stats(runs: pd.DataFrame, requests: pd.DataFrame) -> list[LevelStats]:
                 sent=len(reqs),
                 completed=len(ok),
                 ttft_ms=_pooled(ok, "ttft_ms"),
+                ttfo_ms=_pooled(ok, "ttfo_ms"),
                 itl_ms=_pooled_itl(ok),
                 tpot_ms=_pooled(ok, "tpot_ms"),
                 e2e_ms=_pooled(ok, "e2e_ms"),

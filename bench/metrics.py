@@ -2,7 +2,8 @@
 
 Latencies are over successful requests; ITL pools every per-token gap of every successful
 request; throughputs divide by the level's wall time (first send to last byte). Failed requests
-are counted, never dropped: success_rate = completed / sent.
+are counted, never dropped: success_rate = completed / sent. TTFO is over the successful requests
+that streamed reasoning before their answer, the only ones that have one.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class LevelMetrics:
     total_token_throughput: float
     goodput: float | None  # requests/s meeting every SLO; None when no SLO is set
     ttft_ms: Distribution
+    ttfo_ms: Distribution
     tpot_ms: Distribution
     itl_ms: Distribution
     e2e_ms: Distribution
@@ -89,6 +91,7 @@ def summarize(requests: Sequence[RequestRecord], duration_s: float, slo: SloConf
         total_token_throughput=(in_tokens + out_tokens) / duration,
         goodput=sum(_meets(r, slo) for r in ok) / duration if has_slo else None,
         ttft_ms=Distribution.of(values("ttft_ms")),
+        ttfo_ms=Distribution.of(values("ttfo_ms")),
         tpot_ms=Distribution.of(values("tpot_ms")),
         itl_ms=Distribution.of([g for r in ok for g in r.itl_ms]),
         e2e_ms=Distribution.of(values("e2e_ms")),

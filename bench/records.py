@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,10 @@ class RequestRecord:
     concurrency: int | None
     request_rate: float | None
     index: int
+    # The workload's group of requests that belong together (a shared prefix, a conversation)
+    # and this request's place in it; null where the workload has no groups.
+    group_id: int | None
+    group_position: int | None
     request_id: str  # sent as X-Request-Id, to join with server-side logs
     ok: bool
     error: str | None
@@ -35,6 +39,7 @@ class RequestRecord:
     http_status: int | None
     prompt_tokens: int | None  # as the server's usage counted it
     output_tokens: int | None
+    reasoning_tokens: int | None  # of output_tokens; null when there were none
     output_tokens_source: str | None
     token_attribution: str | None
     events: int  # token-bearing SSE events; < output_tokens when a server batches tokens
@@ -44,6 +49,7 @@ class RequestRecord:
     end_s: float
     send_lag_ms: float
     ttft_ms: float | None
+    ttfo_ms: float | None  # to the first answer token; null unless reasoning streamed first
     tpot_ms: float | None
     e2e_ms: float | None
     ttft_from_scheduled_ms: float | None
@@ -93,6 +99,8 @@ class RunRecord:
     ttft_ms_p50: float | None
     ttft_ms_p90: float | None
     ttft_ms_p99: float | None
+    ttfo_ms_p50: float | None  # over the requests with a ttfo_ms; null when none has one
+    ttfo_ms_p99: float | None
     tpot_ms_mean: float | None
     tpot_ms_p50: float | None
     tpot_ms_p90: float | None

@@ -24,18 +24,27 @@ the server's own ``timings`` (queue_ms, prefill_ms, decode_ms, e2e_ms) as the bu
 does. Without slots nothing waits. ``--max-concurrency`` instead refuses (429) what it cannot
 take.
 
+Reasoning (``--reasoning-tokens N``). The first N tokens of a chat completion are reasoning,
+streamed as vLLM streams a reasoning model's: in ``delta.reasoning_content``, the rest in
+``delta.content``; an event that spans the turn carries both. The total stays ``max_tokens``,
+and the final usage counts them in ``completion_tokens_details.reasoning_tokens``. A
+non-streaming answer puts them in ``message.reasoning_content``. /v1/completions has no
+reasoning field (a reasoning model's raw text holds its thinking inline), so there the option
+changes nothing.
+
 Prompt tokens are the length of a token-id prompt, or the number of whitespace-separated words
 of a text prompt (for chat, summed over the message contents).
 
 Truth log (``--log-file``, overwritten at start). One JSON object per line, flushed at once, for
 every request accepted (not answered with an error): ``request_id``, ``endpoint``, ``received``,
 ``started`` (when it got a slot; ``received`` without slots),
-``event_writes`` (``time.monotonic()`` immediately before each content event's write),
+``event_writes`` (``time.monotonic()`` immediately before each token-bearing event's write),
 ``event_tokens`` (tokens in each of those events), ``prompt_tokens``, ``completion_tokens``
-(tokens actually written) and ``status`` ("ok", or "aborted" when the client went away or the
-server stopped). A non-streaming request logs one event holding all its tokens. On Linux
-``time.monotonic()`` is CLOCK_MONOTONIC, the clock behind ``time.perf_counter()`` in every
-process on the host, so a client on the same machine can join its own timestamps to these.
+(tokens actually written), ``reasoning_tokens`` (how many of those were reasoning, the first
+ones) and ``status`` ("ok", or "aborted" when the client went away or the server stopped). A
+non-streaming request logs one event holding all its tokens. On Linux ``time.monotonic()`` is
+CLOCK_MONOTONIC, the clock behind ``time.perf_counter()`` in every process on the host, so a
+client on the same machine can join its own timestamps to these.
 """
 
 from __future__ import annotations
@@ -68,13 +77,17 @@ class RefServerConfig:
     tokens_per_event: int = 1
     max_concurrency: int = 0  # 0 means unlimited
     slots: int = 0  # requests generated at once, the rest queue; 0 means unlimited
+    reasoning_tokens: int = 0  # chat: the first this many tokens are streamed as reasoning
     log_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.tokens_per_event < 1:
             raise ValueError("tokens_per_event must be at least 1")
-        if min(self.ttft_ms, self.itl_ms, self.max_concurrency, self.slots) < 0:
-            raise ValueError("ttft_ms, itl_ms, max_concurrency and slots must not be negative")
+        values = (self.ttft_ms, self.itl_ms, self.max_concurrency, self.slots)
+        if min(*values, self.reasoning_tokens) < 0:
+            raise ValueError(
+                "ttft_ms, itl_ms, max_concurrency, slots and reasoning_tokens must not be negative"
+            )
 
 
 @dataclass(frozen=True)
@@ -83,10 +96,11 @@ class TruthRecord:
     endpoint: str
     received: float  # time.monotonic() when the handler started
     started: float  # time.monotonic() when the request got a slot (its schedule's origin)
-    event_writes: tuple[float, ...]  # time.monotonic() just before each content event's write
+    event_writes: tuple[float, ...]  # time.monotonic() just before each token event's write
     event_tokens: tuple[int, ...]
     prompt_tokens: int
     completion_tokens: int
+    reasoning_tokens: int  # the first this many of completion_tokens were reasoning
     status: str  # "ok" | "aborted"
 
     @property
@@ -94,6 +108,19 @@ class TruthRecord:
         if not self.event_writes:
             raise ValueError(f"request {self.request_id} wrote no events")
         return self.event_writes[0] - self.received
+
+    @property
+    def ttfo_s(self) -> float | None:
+        """To the first event carrying an answer token; None without reasoning (the client
+        records no TTFO then) or without an answer after it."""
+        if not self.reasoning_tokens:
+            return None
+        written = 0
+        for at, k in zip(self.event_writes, self.event_tokens, strict=True):
+            written += k
+            if written > self.reasoning_tokens:
+                return at - self.received
+        return None
 
     @property
     def itl_s(self) -> list[float]:
@@ -215,12 +242,15 @@ def _parse(raw: bytes, chat: bool, model: str) -> _Params:
     )
 
 
-def _usage(prompt: int, completion: int) -> dict[str, Any]:
-    return {
+def _usage(prompt: int, completion: int, reasoning: int = 0) -> dict[str, Any]:
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+    if reasoning:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return usage
 
 
 def _timings(received: float, started: float, first: float, last: float) -> dict[str, float]:
@@ -322,13 +352,21 @@ class _RefServer:
     def _head(self, obj: str, cid: str, created: int) -> dict[str, Any]:
         return {"id": cid, "object": obj, "created": created, "model": self.cfg.model}
 
+    def _reasoning(self, p: _Params) -> int:
+        """How many of the request's tokens are reasoning: the first ones, chat only."""
+        return min(self.cfg.reasoning_tokens, p.max_tokens) if p.chat else 0
+
     def _chunk(self, p: _Params, cid: str, created: int, start: int, end: int) -> dict[str, Any]:
         finish = "length" if end == p.max_tokens else None
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
         if p.chat:
-            choice["delta"] = {"content": _text(start, end)}
-            if start == 0:
-                choice["delta"] = {"role": "assistant", **choice["delta"]}
+            turn = min(max(self._reasoning(p), start), end)
+            delta = {"role": "assistant"} if start == 0 else {}
+            if turn > start:
+                delta["reasoning_content"] = _text(start, turn)
+            if end > turn:
+                delta["content"] = _text(turn, end)
+            choice["delta"] = delta
         else:
             choice["text"] = _text(start, end)
         obj = "chat.completion.chunk" if p.chat else "text_completion"
@@ -338,14 +376,18 @@ class _RefServer:
         return body
 
     def _completion(self, p: _Params, cid: str, created: int) -> dict[str, Any]:
-        text = _text(0, p.max_tokens)
+        reasoning = self._reasoning(p)
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "length"}
         if p.chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            message = {"role": "assistant", "content": _text(reasoning, p.max_tokens)}
+            if reasoning:
+                message["reasoning_content"] = _text(0, reasoning)
+            choice["message"] = message
         else:
-            choice["text"] = text
+            choice["text"] = _text(0, p.max_tokens)
         body = self._head("chat.completion" if p.chat else "text_completion", cid, created)
-        return {**body, "choices": [choice], "usage": _usage(p.prompt_tokens, p.max_tokens)}
+        usage = _usage(p.prompt_tokens, p.max_tokens, reasoning)
+        return {**body, "choices": [choice], "usage": usage}
 
     async def _generate(
         self,
@@ -390,7 +432,8 @@ class _RefServer:
                     if p.include_usage:
                         obj = "chat.completion.chunk" if p.chat else "text_completion"
                         timings = _timings(received, started, writes[0], writes[-1])
-                        final = {**_usage(p.prompt_tokens, n), "timings": timings}
+                        usage_counts = _usage(p.prompt_tokens, n, self._reasoning(p))
+                        final = {**usage_counts, "timings": timings}
                         usage = {"choices": [], "usage": final}
                         tail = _sse({**self._head(obj, cid, created), **usage}) + tail
                     await response.write(tail)
@@ -406,15 +449,16 @@ class _RefServer:
         finally:  # also on cancellation, so aborted requests reach the log
             self._log(
                 TruthRecord(
-                    request_id,
-                    request.path,
-                    received,
-                    started,
-                    tuple(writes),
-                    tuple(tokens),
-                    p.prompt_tokens,
-                    sum(tokens),
-                    status,
+                    request_id=request_id,
+                    endpoint=request.path,
+                    received=received,
+                    started=started,
+                    event_writes=tuple(writes),
+                    event_tokens=tuple(tokens),
+                    prompt_tokens=p.prompt_tokens,
+                    completion_tokens=sum(tokens),
+                    reasoning_tokens=min(self._reasoning(p), sum(tokens)),
+                    status=status,
                 )
             )
         return response
@@ -487,6 +531,14 @@ def _parse_args(argv: list[str] | None) -> RefServerConfig:
         default=0,
         help="generate at most this many requests at once, queueing the rest first come first "
         "served (a server whose capacity is exactly this many users); 0 means unlimited",
+    )
+    parser.add_argument(
+        "--reasoning-tokens",
+        type=int,
+        default=0,
+        help="stream the first this many tokens of every chat completion as reasoning "
+        "(delta.reasoning_content, counted in usage.completion_tokens_details), the rest as "
+        "content; /v1/completions has no reasoning field and is unchanged",
     )
     parser.add_argument(
         "--log-file", type=Path, help="write a JSONL truth log of every request's event times"

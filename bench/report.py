@@ -351,6 +351,7 @@ _FIGURE_TITLES = {
     "itl": "ITL distribution",
     "frontier": "Capacity search: output throughput against per-user speed, per probe",
     "timeline": "Telemetry timeline",
+    "ttft_by_group_position": "TTFT by position in a shared-prefix group",
 }
 
 
@@ -754,9 +755,12 @@ def _capacity_blocks(
 
 
 def _summary_table(stats: Sequence[LevelStats]) -> Table:
-    """The level statistics under the names the console uses (bench/levels.py)."""
-    header = ["level", "runs", "out tok/s", "± sd", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms"]
-    header += ["ITL p50 ms", "E2E p50 ms", "success", "peak MiB"]
+    """The level statistics under the names the console uses (bench/levels.py); TTFO only
+    where some request streamed reasoning before its answer."""
+    ttfo = any(s.has_ttfo for s in stats)
+    header = ["level", "runs", "out tok/s", "± sd", "TTFT p50 ms", "TTFT p99 ms"]
+    header += ["TTFO p50 ms", "TTFO p99 ms"] if ttfo else []
+    header += ["TPOT p50 ms", "ITL p50 ms", "E2E p50 ms", "success", "peak MiB"]
     rows = []
     for s in stats:
         peak = s.peak_memory
@@ -771,6 +775,7 @@ def _summary_table(stats: Sequence[LevelStats]) -> Table:
                 _num(s.output_throughput.sd),
                 _num(s.ttft_ms.p50),
                 _num(s.ttft_ms.p99),
+                *([_num(s.ttfo_ms.p50), _num(s.ttfo_ms.p99)] if ttfo else []),
                 _num(s.tpot_ms.p50),
                 _num(s.itl_ms.p50),
                 _num(s.e2e_ms.p50),
@@ -894,7 +899,8 @@ def write_run_report(
             "pooled (ITL: every token gap); out tok/s is the mean over repeats ± their standard "
             "deviation; success is completed / sent over all repeats (rows with failures in "
             "bold); peak memory is the maximum over repeats of the GPU total (NVML), else of "
-            "the server's process tree (RSS).",
+            "the server's process tree (RSS). TTFO, where a reasoning model streamed its "
+            "thinking first: the time to the first answer token (TTFT counts either kind).",
             small=True,
         ),
         *_diagnosis_blocks(diagnose(loaded)),

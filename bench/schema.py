@@ -17,12 +17,28 @@ from hydra.core.config_store import ConfigStore
 
 
 @dataclass
+class DatasetSchema:
+    path: str | None
+    format: str
+    prompt_column: str
+    output_column: str | None
+
+
+@dataclass
 class ScenarioSchema:
     name: str
     description: str
     input_tokens: Any  # an integer or a list of them (OmegaConf has no union types)
     output_tokens: Any  # an integer or a list of them
+    length_distribution: str
     range_ratio: float
+    length_sd: float
+    length_sigma: float
+    dataset: DatasetSchema
+    prefix_groups: int
+    prefix_tokens: int
+    trace_path: str | None
+    time_scale: float
     concurrency: Any  # an integer or a list of them
     request_rate: Any  # a number, a list of them, or null
     max_concurrency: int | None

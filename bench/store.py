@@ -33,9 +33,15 @@ from bench.records import (
 
 _METADATA = {b"bench.schema_version": str(SCHEMA_VERSION).encode()}
 # Older versions this harness still reads, with the columns each lacks per file: they read
-# back as nulls. Version 4 added the speed probes to runs.parquet.
+# back as nulls. Version 4 added the speed probes to runs.parquet; version 5 reasoning (TTFO,
+# reasoning tokens) and request groups.
+_ADDED_IN_5 = {
+    "requests": ("group_id", "group_position", "reasoning_tokens", "ttfo_ms"),
+    "runs": ("ttfo_ms_p50", "ttfo_ms_p99"),
+}
 _MISSING_COLUMNS: dict[int, dict[str, tuple[str, ...]]] = {
-    3: {"runs": ("probe_before_json", "probe_after_json")},
+    3: {**_ADDED_IN_5, "runs": ("probe_before_json", "probe_after_json", *_ADDED_IN_5["runs"])},
+    4: _ADDED_IN_5,
 }
 
 

@@ -6,7 +6,8 @@ standard deviation over repeats, since each repeat is one independent measuremen
 
 Each row is two lines: p50 above p99 for latencies, the mean above its ± sd for throughput,
 which keeps the standard scenarios within 80 columns; a wider table is printed whole
-(`print_whole`), never with figures cut short.
+(`print_whole`), never with figures cut short. A TTFO column (time to the first answer token)
+follows TTFT only when some request streamed reasoning before its answer.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def table(runs: Sequence[RunRecord], requests: Sequence[RequestRecord]) -> Table
     t.add_column("in/out load", no_wrap=True)
     t.add_column("ok/sent", justify="right", no_wrap=True)
     t.add_column("", no_wrap=True)
-    for name in ("TTFT\nms", "ITL\nms", "TPOT\nms", "E2E\nms", "out\ntok/s", "req/s", "peak\nMiB"):
+    ttfo = any(s.has_ttfo for s in stats)
+    latencies = ("TTFT\nms", *(("TTFO\nms",) if ttfo else ()), "ITL\nms", "TPOT\nms", "E2E\nms")
+    for name in (*latencies, "out\ntok/s", "req/s", "peak\nMiB"):
         t.add_column(name, justify="right", no_wrap=True)
     client_bound: list[str] = []
     for s in stats:
@@ -66,6 +69,7 @@ def table(runs: Sequence[RunRecord], requests: Sequence[RequestRecord]) -> Table
             f"{s.completed}/{s.sent}" + (f"\n[red]{s.failed} failed[/]" if s.failed else ""),
             "p50\np99",
             _p50_p99(s.ttft_ms, 1),
+            *((_p50_p99(s.ttfo_ms, 1),) if ttfo else ()),
             _p50_p99(s.itl_ms, 2),
             _p50_p99(s.tpot_ms, 2),
             _p50_p99(s.e2e_ms, 0),

@@ -1,9 +1,14 @@
 """Deterministic request workloads: prompts of exact token lengths and arrival schedules.
 
-Everything here is a pure function of the seed and the scenario, so two runs (an A/B pair, or
-the same command next week) send byte-identical work; `Workload.digest` proves it.
-Prompts depend on (seed, repeat, input and output length) but not on the load level, so every
-concurrency of a sweep is served the same prompts.
+Everything here is a pure function of the seed, the scenario and the files it names (a
+dataset, a trace), so two runs (an A/B pair, or the same command next week) send byte-identical
+work; `Workload.digest` proves it. Prompts depend on (seed, repeat, input and output length)
+but not on the load level, so every concurrency of a sweep is served the same prompts; shared
+prefixes are the exception (below).
+
+Four kinds of prompt: random tokens (lengths from scenario.length_distribution); a dataset's
+texts (bench/datasets.py); random tokens behind a group's shared prefix (scenario.prefix_groups);
+a trace's hash blocks at the trace's send times (bench/traces.py).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
+from bench import datasets, traces
 from bench.config import ConfigError, LoadLevel, ScenarioConfig, WorkloadConfig
 
 # Common English words that are one token (with their leading space) in the GPT-2, Llama and
@@ -37,6 +43,7 @@ class Tokenizer(Protocol):
     vocab_size: int
     all_special_ids: list[int]
 
+    def __hash__(self) -> int: ...  # a dataset's rows are counted and cached per tokenizer
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
 
@@ -48,13 +55,17 @@ class RequestSpec:
     input_tokens: int  # intended length; the server's usage reports what it really counted
     output_tokens: int
     offset_s: float  # open loop: send time after the level's start; closed loop: 0
+    # Requests that belong together (a shared prefix's group) and the request's place in it;
+    # None where a workload has no groups.
+    group_id: int | None = None
+    group_position: int | None = None
 
 
 @dataclass(frozen=True)
 class Workload:
     warmup: list[RequestSpec]
     batches: dict[tuple[int, int], list[RequestSpec]]  # (level index, repeat) -> requests
-    digest: str  # sha256 over every prompt, length and send offset, in order
+    digest: str  # sha256 over every prompt, length and send offset, in order (see _digest)
 
 
 def within_vocabulary(cfg: WorkloadConfig, vocab_size: int) -> WorkloadConfig:
@@ -97,11 +108,23 @@ def _text_prompt(
     return tokenizer.decode(ids[:n])
 
 
-def _lengths(rng: np.random.Generator, n: int, mean: int, ratio: float) -> list[int]:
-    if ratio == 0.0:
+def _lengths(rng: np.random.Generator, n: int, mean: int, scenario: ScenarioConfig) -> list[int]:
+    """`n` lengths around `mean` drawn from the scenario's distribution, each at least 1."""
+    ratio, distribution = scenario.range_ratio, scenario.length_distribution
+    if distribution == "fixed" or (distribution == "uniform" and ratio == 0.0):
         return [mean] * n
-    low, high = max(1, round(mean * (1 - ratio))), round(mean * (1 + ratio))
-    return [int(x) for x in rng.integers(low, high + 1, size=n)]
+    if distribution == "uniform":
+        low, high = max(1, round(mean * (1 - ratio))), round(mean * (1 + ratio))
+        return [int(x) for x in rng.integers(low, high + 1, size=n)]
+    if distribution == "normal":
+        drawn = rng.normal(mean, scenario.length_sd * mean, size=n)
+    elif distribution == "lognormal":
+        # mu such that the mean (not the median) is `mean`: E[X] = exp(mu + sigma^2 / 2).
+        sigma = scenario.length_sigma
+        drawn = rng.lognormal(np.log(mean) - sigma**2 / 2, sigma, size=n)
+    else:
+        raise ConfigError(f"scenario.length_distribution={distribution}: not a synthetic one")
+    return [max(1, round(float(x))) for x in drawn]
 
 
 def _offsets(
@@ -126,7 +149,10 @@ def level_batch(
     n: int,
 ) -> list[RequestSpec]:
     """The `n` requests of one repeat of a level: prompts from (seed, repeat, lengths), so every
-    load of a sweep gets the same ones; open-loop send offsets from (seed, repeat, level)."""
+    load of a sweep gets the same ones; open-loop send offsets from (seed, repeat, level), or
+    the trace's own."""
+    if scenario.trace_path is not None:
+        return _trace_specs(scenario, cfg, seed, text, n)
     arrival_rng = np.random.default_rng([seed, repeat + 1, level.index, 7])
     offsets = _offsets(arrival_rng, n, level.request_rate, scenario.burstiness)
     return _specs(scenario, cfg, seed, text, tokenizer, repeat, level, offsets)
@@ -142,10 +168,14 @@ def _specs(
     level: LoadLevel,
     offsets: list[float],
 ) -> list[RequestSpec]:
+    if scenario.dataset is not None:
+        return _dataset_specs(scenario, seed, tokenizer, repeat, level, offsets)
+    if scenario.prefix_groups:
+        return _shared_prefix_specs(scenario, cfg, seed, text, tokenizer, repeat, level, offsets)
     n, inp, out = len(offsets), level.input_tokens, level.output_tokens
     rng = np.random.default_rng([seed, repeat + 1, inp, out])
-    ins = _lengths(rng, n, inp, scenario.range_ratio)
-    outs = _lengths(rng, n, out, scenario.range_ratio)
+    ins = _lengths(rng, n, inp, scenario)
+    outs = _lengths(rng, n, out, scenario)
     return [
         RequestSpec(
             i,
@@ -155,6 +185,84 @@ def _specs(
             offsets[i],
         )
         for i in range(n)
+    ]
+
+
+def _dataset_specs(
+    scenario: ScenarioConfig,
+    seed: int,
+    tokenizer: Tokenizer | None,
+    repeat: int,
+    level: LoadLevel,
+    offsets: list[float],
+) -> list[RequestSpec]:
+    """A dataset's prompts, sent as text on either endpoint; each repeat samples its own rows.
+    Output lengths are the rows' own (length_distribution=dataset; a row without one gets the
+    level's), else drawn around the level's."""
+    assert scenario.dataset is not None
+    rows = datasets.load(scenario.dataset, tokenizer).rows
+    n = len(offsets)
+    rng = np.random.default_rng([seed, repeat + 1, 31])
+    picks = [rows[i] for i in datasets.sample(rng, len(rows), n)]
+    if scenario.length_distribution == "dataset":
+        outs = [row.output_tokens or level.output_tokens for row in picks]
+    else:
+        outs = _lengths(rng, n, level.output_tokens, scenario)
+    return [
+        RequestSpec(i, row.prompt, row.input_tokens, outs[i], offsets[i])
+        for i, row in enumerate(picks)
+    ]
+
+
+def _shared_prefix_specs(
+    scenario: ScenarioConfig,
+    cfg: WorkloadConfig,
+    seed: int,
+    text: bool,
+    tokenizer: Tokenizer | None,
+    repeat: int,
+    level: LoadLevel,
+    offsets: list[float],
+) -> list[RequestSpec]:
+    """Request i belongs to group i % G at position i // G: every group's first request is sent
+    before any other of its group, so at most G users in flight the prefix is in the server's
+    cache before the group's later requests arrive. Prefixes come from (seed, repeat, level),
+    unlike other prompts, so no level or repeat finds the groups of an earlier one cached and
+    position 0 always measures a cold prefix."""
+    n, groups, prefix = len(offsets), scenario.prefix_groups, scenario.prefix_tokens
+    rng = np.random.default_rng([seed, repeat + 1, level.index, 23])
+    ins = [max(k, prefix + 1) for k in _lengths(rng, n, level.input_tokens, scenario)]
+    outs = _lengths(rng, n, level.output_tokens, scenario)
+
+    def draw(k: int) -> list[int] | str:
+        return _text_prompt(rng, k, cfg, tokenizer) if text else _token_prompt(rng, k, cfg)
+
+    heads = [draw(prefix) for _ in range(groups)]
+    specs = []
+    for i in range(n):
+        head, tail = heads[i % groups], draw(ins[i] - prefix)
+        # Text joins with a space (exact token sharing needs token ids; see docs/metrics.md).
+        prompt = f"{head} {tail}" if isinstance(head, str) else [*head, *tail]
+        specs.append(RequestSpec(i, prompt, ins[i], outs[i], offsets[i], i % groups, i // groups))
+    return specs
+
+
+def _trace_specs(
+    scenario: ScenarioConfig, cfg: WorkloadConfig, seed: int, text: bool, n: int
+) -> list[RequestSpec]:
+    """The trace's first `n` requests at their own times: every repeat replays the same."""
+    assert scenario.trace_path is not None
+    if text:
+        raise ConfigError(
+            "scenario.trace_path: a trace replays token ids (its blocks are token blocks); use "
+            "target.endpoint=completions with workload.prompt_format=auto or token_ids"
+        )
+    trace = traces.load(scenario.trace_path)
+    blocks = traces.Blocks(seed, cfg.token_id_low, cfg.token_id_high)
+    offsets = traces.offsets(trace, n, scenario.time_scale)
+    return [
+        RequestSpec(i, blocks.prompt(r), r.input_length, r.output_length, offsets[i])
+        for i, r in enumerate(trace.requests[:n])
     ]
 
 
@@ -177,15 +285,28 @@ def build(
         for level in scenario.levels()
         for repeat in range(scenario.repeats)
     }
-    return Workload(warmup, batches, _digest(scenario.levels(), warmup, batches))
+    files = [
+        source
+        for source in (
+            scenario.dataset and datasets.load(scenario.dataset, tokenizer).sha256,
+            scenario.trace_path and traces.load(scenario.trace_path).sha256,
+        )
+        if source
+    ]
+    return Workload(warmup, batches, _digest(scenario.levels(), warmup, batches, files))
 
 
 def _digest(
     levels: list[LoadLevel],
     warmup: list[RequestSpec],
     batches: dict[tuple[int, int], list[RequestSpec]],
+    files: list[str],
 ) -> str:
+    """sha256 over every request (and the content of the files they came from, where any), in
+    order; a scenario without files hashes exactly as before files could be named."""
     h = hashlib.sha256()
+    for sha in files:
+        h.update(json.dumps(["file", sha]).encode())
 
     def feed(tag: object, reqs: list[RequestSpec]) -> None:
         h.update(json.dumps(tag).encode())

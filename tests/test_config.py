@@ -104,7 +104,11 @@ def test_an_unknown_key_without_a_close_match_lists_the_keys_at_its_level() -> N
 @pytest.mark.parametrize(
     ("override", "files"),
     [
-        ("scenario=nope", "capacity, concurrency, lengths, long_generation, short_qa"),
+        (
+            "scenario=nope",
+            "capacity, concurrency, dataset, lengths, long_generation, shared_prefix, short_qa, "
+            "trace_replay",
+        ),
         ("target=nope", "bundled, openai, refserver"),
     ],
 )

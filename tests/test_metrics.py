@@ -15,12 +15,13 @@ def _req(ok: bool = True, ttft: float = 100.0, out: int = 11, e2e: float = 200.0
     return RequestRecord(
         schema_version=SCHEMA_VERSION, run_id="r", scenario="s", repeat=0, level=0,
         input_tokens=64, output_tokens_requested=out, concurrency=1, request_rate=None, index=0,
-        request_id="x", ok=ok, error=None if ok else "refused", error_message=None,
+        group_id=None, group_position=None, request_id="x", ok=ok,
+        error=None if ok else "refused", error_message=None,
         http_status=200 if ok else 429, prompt_tokens=64 if ok else None,
-        output_tokens=out if ok else None, output_tokens_source="usage",
+        output_tokens=out if ok else None, reasoning_tokens=None, output_tokens_source="usage",
         token_attribution="usage", events=out, scheduled_s=0.0, sent_s=0.0,
-        first_token_s=0.1, end_s=0.2, send_lag_ms=0.0,
-        ttft_ms=ttft if ok else None, tpot_ms=(e2e - ttft) / (out - 1) if ok else None,
+        first_token_s=0.1, end_s=0.2, send_lag_ms=0.0, ttft_ms=ttft if ok else None,
+        ttfo_ms=None, tpot_ms=(e2e - ttft) / (out - 1) if ok else None,
         e2e_ms=e2e if ok else None, ttft_from_scheduled_ms=ttft if ok else None,
         e2e_from_scheduled_ms=e2e if ok else None,
         itl_ms=[10.0] * (out - 1) if ok else [], event_ms=[], event_tokens=[],
@@ -56,7 +57,9 @@ def test_itl_pools_every_gap_and_tpot_excludes_the_first_token() -> None:
 
 def test_goodput_counts_only_requests_meeting_every_slo() -> None:
     reqs = [_req(ttft=50.0), _req(ttft=150.0), _req(ttft=90.0, e2e=900.0)]
-    m = summarize(reqs, duration_s=1.0, slo=SloConfig(100.0, None, 500.0, 99.0, None))
+    m = summarize(
+        reqs, duration_s=1.0, slo=dataclasses.replace(NO_SLO, ttft_ms=100.0, e2e_ms=500.0)
+    )
     assert m.goodput == 1.0
     assert summarize(reqs, 1.0, NO_SLO).goodput is None
 

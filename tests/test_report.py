@@ -333,6 +333,7 @@ def test_capacity_names_a_lower_level_that_misses_the_slo() -> None:
             sent=10,
             completed=10,
             ttft_ms=latency,
+            ttfo_ms=Distribution.of([]),
             itl_ms=latency,
             tpot_ms=latency,
             e2e_ms=latency,

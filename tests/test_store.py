@@ -17,6 +17,7 @@ from bench.records import (
     RequestRecord,
     TelemetryRecord,
 )
+from tests.synthetic import request_record, run_record
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
 
@@ -53,3 +54,23 @@ def test_files_of_another_schema_version_are_refused(tmp_path: Path) -> None:
     pq.write_table(table.replace_schema_metadata({b"bench.schema_version": b"0"}), path)
     with pytest.raises(ValueError, match="schema version 0"):
         store.load(tmp_path / "old")
+
+
+def test_runs_of_schema_4_load_with_null_reasoning_and_group_columns(tmp_path: Path) -> None:
+    s = store.RunStore(tmp_path, "v4")
+    s.requests, s.runs = [request_record(run_id="v4")], [run_record(run_id="v4")]
+    s.flush()
+    added = {
+        "requests": ["group_id", "group_position", "reasoning_tokens", "ttfo_ms"],
+        "runs": ["ttfo_ms_p50", "ttfo_ms_p99"],
+    }
+    for name in ("requests", "runs", "telemetry"):
+        path = s.dir / f"{name}.parquet"
+        table = pq.read_table(path).drop(added.get(name, []))
+        pq.write_table(table.replace_schema_metadata({b"bench.schema_version": b"4"}), path)
+    data = store.load(s.dir)
+    assert set(data.requests.columns) == set(REQUESTS_SCHEMA.names)
+    assert set(data.runs.columns) == set(RUNS_SCHEMA.names)
+    assert data.requests[added["requests"]].isna().all().all()
+    assert data.runs[added["runs"]].isna().all().all()
+    assert data.requests["ttft_ms"].tolist() == [10.0]

@@ -3,10 +3,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
+import pytest
 
 from bench import workload
 from bench.compose import compose as bench_cfg
-from bench.config import BenchConfig
+from bench.config import BenchConfig, ConfigError
 
 
 def _build(cfg: BenchConfig, text: bool = False) -> workload.Workload:
@@ -70,3 +72,47 @@ def test_text_prompts_have_exact_lengths_with_a_local_tokenizer(word_tokenizer: 
         ids = tok.encode(spec.prompt, add_special_tokens=False)
         assert len(ids) == spec.input_tokens
         assert tok.unk_token_id not in ids  # special tokens are never drawn
+
+
+@pytest.mark.parametrize(
+    ("overrides", "digest"),
+    [
+        ((), "96accb81fc0d0e85807bc42d0663f89addb9d4ccda2a15f94525a947b692243b"),
+        (("scenario.range_ratio=0.5",),
+         "2b21f6d6c0942b5e844ded49f9cefe2ed7a4b61bcc4e2504954a059ebb518998"),
+        (("scenario.request_rate=4",),
+         "2dc94178364c51d41b6302d5a32d1e1297e067a2c4328c728c59191c7bfb46f9"),
+    ],
+)  # fmt: skip
+def test_the_digest_of_a_stored_runs_workload_does_not_change(
+    overrides: tuple[str, ...], digest: str
+) -> None:
+    # Runs stored before datasets, traces and length distributions existed hashed these: the
+    # same command must still send (and hash) the same work.
+    assert _build(bench_cfg(*overrides)).digest == digest
+
+
+def _input_lengths(*overrides: str) -> npt.NDArray[np.float64]:
+    cfg = bench_cfg("scenario.input_tokens=200", "scenario.num_requests=4000", *overrides)
+    return np.array([s.input_tokens for s in _build(cfg).batches[0, 0]], dtype=np.float64)
+
+
+def test_fixed_lengths_are_exact() -> None:
+    assert set(_input_lengths("scenario.length_distribution=fixed")) == {200}
+
+
+def test_normal_lengths_have_the_mean_and_relative_sd() -> None:
+    lengths = _input_lengths("scenario.length_distribution=normal", "scenario.length_sd=0.2")
+    assert abs(lengths.mean() - 200) < 3 and abs(lengths.std() - 40) < 3
+
+
+def test_lognormal_lengths_have_the_mean_not_the_median() -> None:
+    lengths = _input_lengths("scenario.length_distribution=lognormal", "scenario.length_sigma=0.8")
+    assert abs(lengths.mean() - 200) < 10
+    assert np.median(lengths) < 0.8 * 200  # right-skewed, as chat lengths are
+    assert lengths.min() >= 1
+
+
+def test_range_ratio_belongs_to_the_uniform_distribution() -> None:
+    with pytest.raises(ConfigError, match=r"scenario\.range_ratio: spreads lengths of .*uniform"):
+        bench_cfg("scenario.length_distribution=normal", "scenario.range_ratio=0.5")

@@ -55,6 +55,9 @@ class RequestResult:
     # reasoning the first token is the first answer token, and TTFT already says when it came.
     first_output_s: float | None = None
     reasoning_tokens: int | None = None  # of output_tokens; None when there were none
+    # The answer the stream delivered (reasoning excluded): a conversation's next turn sends it
+    # back as the assistant's message.
+    text: str = ""
 
     @property
     def first_token_s(self) -> float | None:
@@ -81,7 +84,15 @@ def request_body(target: TargetConfig, model: str, spec: RequestSpec) -> dict[st
         "stream_options": stream_options,
     }
     if target.endpoint == "chat":
-        body["messages"] = [{"role": "user", "content": spec.prompt}]
+        earlier = [
+            message
+            for turn in spec.history
+            for message in (
+                {"role": "user", "content": turn.user},
+                {"role": "assistant", "content": turn.assistant},
+            )
+        ]
+        body["messages"] = [*earlier, {"role": "user", "content": spec.prompt}]
     else:
         body["prompt"] = spec.prompt
     if target.ignore_eos:
@@ -194,6 +205,7 @@ class _Stream:
             for t, k, r in zip(self.times, counts, _reasoning_events(self.texts), strict=True)
             if k > 0
         ]
+        result.text = "".join(t.answer for t in self.texts)
         result.event_s = [t for t, _, _ in kept]
         result.event_tokens = [k for _, k, _ in kept]
         if isinstance(usage.get("completion_tokens"), int):

@@ -135,6 +135,9 @@ class ScenarioConfig:
     repeats: int
     warmup_requests: int
     search: str | None  # None: the levels below; concurrency | rate: a capacity search
+    turns: int  # requests per conversation; 1: every request stands alone
+    think_time_s: float  # a conversation's pause between a reply and the next turn
+    ramp_up_s: float  # users start, or the arrival rate rises, over this long; 0: at once
 
     def shapes(self) -> list[tuple[int, int]]:
         ins, outs = self.input_tokens, self.output_tokens
@@ -267,6 +270,15 @@ def _scenario(c: Mapping[str, Any]) -> ScenarioConfig:
         _check_prefix(prefix, ins, dataset)
     num_requests = _int(k + "num_requests", c["num_requests"])
     trace_path = _str(k + "trace_path", c["trace_path"], optional=True)
+    turns = _int(k + "turns", c["turns"])
+    think_time_s = _float(k + "think_time_s", c["think_time_s"], strict=False)
+    ramp_up_s = _float(k + "ramp_up_s", c["ramp_up_s"], strict=False)
+    _check_turns(c, turns, think_time_s, num_requests)
+    if ramp_up_s and (trace_path is not None or search is not None):
+        raise ConfigError(
+            "scenario.ramp_up_s: a trace replay keeps the trace's own send times and a capacity "
+            "search measures every load from its start; set scenario.ramp_up_s=0"
+        )
     time_scale = _float(k + "time_scale", c["time_scale"])
     if trace_path is not None:
         # The trace sets the level: its mean lengths (the label) and its mean arrival rate, so
@@ -299,7 +311,41 @@ def _scenario(c: Mapping[str, Any]) -> ScenarioConfig:
         repeats=_int(k + "repeats", c["repeats"]),
         warmup_requests=_int(k + "warmup_requests", c["warmup_requests"], minimum=0),
         search=search,
+        turns=turns,
+        think_time_s=think_time_s,
+        ramp_up_s=ramp_up_s,
     )
+
+
+def _check_turns(c: Mapping[str, Any], turns: int, think_time_s: float, num_requests: int) -> None:
+    """Conversations are a closed loop of random or dataset prompts, whole ones per level."""
+    if turns == 1:
+        if think_time_s:
+            raise ConfigError(
+                "scenario.think_time_s: the pause between a conversation's turns, and "
+                "scenario.turns is 1; set scenario.turns > 1 or scenario.think_time_s=0"
+            )
+        return
+    clash = [
+        key
+        for key, set_ in (
+            ("scenario.request_rate", c["request_rate"] is not None),
+            ("scenario.prefix_groups", c["prefix_groups"] != 0),
+            ("scenario.trace_path", c["trace_path"] is not None),
+            ("scenario.search", c["search"] is not None),
+        )
+        if set_
+    ]
+    if clash:
+        raise ConfigError(
+            f"scenario.turns: conversations (turns > 1) are a closed loop of users, each "
+            f"conversation its own group; unset {', '.join(clash)}"
+        )
+    if num_requests % turns:
+        raise ConfigError(
+            f"scenario.num_requests: counts the turns of whole conversations, so expected a "
+            f"multiple of scenario.turns ({turns}), got {num_requests}"
+        )
 
 
 def _dataset(c: Mapping[str, Any]) -> DatasetConfig | None:
@@ -473,6 +519,10 @@ def from_hydra(cfg: DictConfig) -> BenchConfig:
     low = _int("workload.token_id_low", w["token_id_low"], minimum=0)
     high = _int("workload.token_id_high", w["token_id_high"], minimum=low + 1)
     scenario, objectives = _scenario(raw["scenario"]), _slo(slo)
+    if scenario.turns > 1 and raw["target"]["endpoint"] != "chat":
+        raise ConfigError(
+            "target.endpoint: scenario.turns > 1 needs the chat endpoint; set target.endpoint=chat"
+        )
     if scenario.search and not (objectives.latency_bounds or objectives.success):
         raise ConfigError(
             f"scenario.search={scenario.search} needs an objective to search against: set "

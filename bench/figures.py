@@ -132,8 +132,16 @@ def _x_label(builds: Sequence[Build]) -> tuple[str, bool]:
 # ---- values ------------------------------------------------------------------------------
 
 
+def _steady(requests: pd.DataFrame) -> pd.DataFrame:
+    """Requests outside any ramp-up: what every statistic is of (bench.levels)."""
+    if "ramp_up" not in requests:
+        return requests
+    return requests[~requests["ramp_up"].eq(True)]
+
+
 def _ok(requests: pd.DataFrame) -> pd.DataFrame:
-    return requests[requests["ok"].astype(bool)]
+    steady = _steady(requests)
+    return steady[steady["ok"].astype(bool)]
 
 
 def _values(requests: pd.DataFrame, metric: str) -> Floats:
@@ -152,8 +160,9 @@ def _failures(builds: Sequence[Build]) -> list[str]:
     """Legend labels: the build's label, plus how many requests failed and are not drawn."""
     labels = []
     for b in builds:
-        failed = int((~b.requests["ok"].astype(bool)).sum()) if len(b.requests) else 0
-        note = f" · {failed} of {len(b.requests)} failed, not drawn" if failed else ""
+        steady = _steady(b.requests)
+        failed = int((~steady["ok"].astype(bool)).sum()) if len(steady) else 0
+        note = f" · {failed} of {len(steady)} failed, not drawn" if failed else ""
         labels.append(b.label + note)
     return labels
 
@@ -718,11 +727,12 @@ def frontier(searches: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: 
     return _save(_frontier_figure(searches), path)
 
 
-# ---- shared prefixes ----------------------------------------------------------------------
+# ---- groups: shared prefixes, conversations --------------------------------------------------
 
 
 def _grouped(requests: pd.DataFrame) -> pd.DataFrame:
-    """Successful requests that belong to a group (scenario.prefix_groups), TTFT known."""
+    """Successful requests that belong to a group (scenario.prefix_groups, a conversation of
+    scenario.turns), TTFT known."""
     if "group_position" not in requests.columns or not len(requests):
         return requests.iloc[0:0]
     ok = _ok(requests)
@@ -766,28 +776,27 @@ def _ttft_by_position_figure(builds: Sequence[Build]) -> Figure:
         ax.xaxis.set_major_locator(FixedLocator(sorted(positions)))
     if _spans(values):
         _log_axis(ax, "y", values)
-    ax.set_xlabel("position in group (0: the first request with its prefix)")
+    ax.set_xlabel(
+        "position in group / turn (0: a prefix's first request, a conversation's first turn)"
+    )
     ax.set_ylabel("TTFT (ms)")
     ax.grid(alpha=0.3)
     handles = _build_handles(builds)
     handles += [Line2D([], [], color="0.3", ls="-"), Line2D([], [], color="0.3", ls="--")]
     _legend(fig, handles, [*_failures(builds), "TTFT p50", "TTFT p99"])
-    fig.suptitle(
-        "TTFT by position in shared-prefix group: position 0 computes the prefix, later ones "
-        "may reuse it",
-        fontsize=10,
-    )
+    fig.suptitle("TTFT by position in group (shared prefix) or turn (conversation)", fontsize=10)
     return fig
 
 
 def ttft_by_group_position(builds: Sequence[Build], path: Path) -> Path:
-    """TTFT p50/p99 against the request's position in its shared-prefix group."""
+    """TTFT p50/p99 against the request's position in its group: a shared prefix's, or a
+    conversation's turn."""
     return _save(_ttft_by_position_figure(builds), path)
 
 
 def all_figures(builds: Sequence[Build], out_dir: Path) -> dict[str, Path]:
     """Every figure as out_dir/<name>.png: ttft_cdf, e2e_cdf, vs_concurrency, peak_memory, itl,
-    and ttft_by_group_position where requests belong to shared-prefix groups."""
+    and ttft_by_group_position where requests belong to groups (shared prefixes, conversations)."""
     out_dir = Path(out_dir)
     figures = {
         "ttft_cdf": latency_cdf(builds, "ttft_ms", out_dir / "ttft_cdf.png"),

@@ -15,6 +15,8 @@ a level's numbers from `level_stats`, so one name never carries two numbers
   else of the server's RSS;
 - success: successful requests / requests sent, over every repeat.
 
+Requests sent during a ramp-up (`ramp_up`) are in none of them (`level_requests`).
+
 A comparison tests per-run values instead (one per repeat) and shows them under names of their
 own (`bench.comparison.Metric.name`).
 """
@@ -51,6 +53,7 @@ REQUEST_COLUMNS = (
     "level",
     "scenario",
     "ok",
+    "ramp_up",
     "ttft_ms",
     "ttfo_ms",
     "itl_ms",
@@ -147,11 +150,13 @@ def levels_of(runs: pd.DataFrame) -> dict[Level, pd.DataFrame]:
 
 
 def level_requests(requests: pd.DataFrame, level_runs: pd.DataFrame) -> pd.DataFrame:
-    """The requests of a level's runs. Joined on the run (run_id, scenario, level), not on the
-    load: per-request lengths vary around the level's (range_ratio), and one scenario may sweep
-    lengths at one load."""
+    """The steady-state requests of a level's runs: those sent during a ramp-up (`ramp_up`;
+    null in files older than the column) are left out, as from each run's own row. Joined on
+    the run (run_id, scenario, level), not on the load: per-request lengths vary around the
+    level's (range_ratio), and one scenario may sweep lengths at one load."""
     keys = ["run_id", "scenario", "level"]
-    return requests.merge(level_runs[keys].drop_duplicates(), on=keys)
+    steady = requests[~requests["ramp_up"].eq(True)]
+    return steady.merge(level_runs[keys].drop_duplicates(), on=keys)
 
 
 # ---- the statistics of a level -----------------------------------------------------------

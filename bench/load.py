@@ -1,20 +1,28 @@
-"""Load generation: closed loop (N users) and open loop (scheduled arrivals), plus loop lag.
+"""Load generation: closed loop (N users), open loop (scheduled arrivals) and conversations
+(N users, each holding a conversation for its turns), plus loop lag.
 
 Open loop schedules every request against absolute times from the level's start and records
 the intended time with the request, so latency can be measured from when the request *should*
 have gone: a client that falls behind cannot hide queueing (coordinated omission).
+
+Ramp-up (scenario.ramp_up_s = R): closed-loop users and conversations' users start evenly
+staggered over R, user k at k R / N; open-loop arrival times already rise over R (the workload's
+offsets). Either way a request whose intended send time falls within R of the level's start is
+marked `ramp_up`, and the level's statistics leave it out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from bench.client import RequestResult
 from bench.config import LoadLevel
-from bench.workload import RequestSpec
+from bench.workload import Exchange, RequestSpec
 
 Send = Callable[[RequestSpec, float], Awaitable[RequestResult]]
 # asyncio rounds timer waits up to whole milliseconds (epoll's resolution), and a process that
@@ -80,33 +88,65 @@ async def _until(t: float) -> float:
     return time.perf_counter()
 
 
+class _Sender:
+    """Sends one request of a level: marks it ramp-up by its intended send time, keeps its
+    result, watches for a server gone, and hands both to on_result."""
+
+    def __init__(
+        self,
+        send: Send,
+        on_result: Callable[[RequestSpec, RequestResult], None],
+        max_consecutive_connection_errors: int,
+        ramp_up_s: float,
+    ) -> None:
+        self.out = LevelOutcome(started_s=time.perf_counter())
+        self.abort = _Abort(max_consecutive_connection_errors)
+        self.send, self.on_result, self.ramp_up_s = send, on_result, ramp_up_s
+
+    def user_start(self, user: int, users: int) -> float:
+        """When closed-loop user `user` of `users` starts: evenly staggered over the ramp."""
+        return self.out.started_s + user * self.ramp_up_s / users
+
+    async def one(self, spec: RequestSpec, scheduled_s: float) -> RequestResult:
+        if scheduled_s - self.out.started_s < self.ramp_up_s:
+            spec = dataclasses.replace(spec, ramp_up=True)
+        result = await self.send(spec, scheduled_s)
+        self.out.results.append(result)
+        self.abort.observe(result)
+        self.on_result(spec, result)
+        return result
+
+    def done(self) -> LevelOutcome:
+        self.out.ended_s = time.perf_counter()
+        self.out.stopped_early = self.abort.reason
+        return self.out
+
+
 async def run_level(
     send: Send,
     specs: list[RequestSpec],
     level: LoadLevel,
     on_result: Callable[[RequestSpec, RequestResult], None],
     max_consecutive_connection_errors: int,
+    *,
+    ramp_up_s: float = 0.0,
 ) -> LevelOutcome:
     """Send `specs` at the level's load; every result, failed or not, goes to on_result."""
-    out = LevelOutcome(started_s=time.perf_counter())
-    abort = _Abort(max_consecutive_connection_errors)
-
-    async def one(spec: RequestSpec, scheduled_s: float) -> None:
-        result = await send(spec, scheduled_s)
-        out.results.append(result)
-        abort.observe(result)
-        on_result(spec, result)
+    sender = _Sender(send, on_result, max_consecutive_connection_errors, ramp_up_s)
+    out, abort, one = sender.out, sender.abort, sender.one
 
     if level.request_rate is None:
         pending = iter(specs)
+        users = level.concurrency or 1
 
-        async def user() -> None:
+        async def user(k: int) -> None:
+            await _until(sender.user_start(k, users))
             for spec in pending:  # a shared iterator: each spec goes to exactly one user
                 if abort.reason:
                     return
                 await one(spec, time.perf_counter())
 
-        await asyncio.gather(*(user() for _ in range(level.concurrency or 1)))
+        await asyncio.gather(*(user(k) for k in range(users)))
     else:
         cap = asyncio.Semaphore(level.concurrency) if level.concurrency else None
 
@@ -126,6 +166,45 @@ async def run_level(
             await asyncio.sleep(max(0.0, scheduled_s - _LEAD_S - time.perf_counter()))
             tasks.append(asyncio.create_task(scheduled(spec, scheduled_s)))
         await asyncio.gather(*tasks)
-    out.ended_s = time.perf_counter()
-    out.stopped_early = abort.reason
-    return out
+    return sender.done()
+
+
+async def run_conversations(
+    send: Send,
+    specs: list[RequestSpec],
+    level: LoadLevel,
+    think_time_s: float,
+    on_result: Callable[[RequestSpec, RequestResult], None],
+    max_consecutive_connection_errors: int,
+    *,
+    ramp_up_s: float = 0.0,
+) -> LevelOutcome:
+    """Closed loop over conversations: `specs` are their turns, consecutive by group_id and in
+    turn order (bench/workload.py). Each of the level's users takes the next conversation and
+    sends its turns one after another, each with every earlier turn's user message and the
+    server's actual reply before its own, `think_time_s` after the previous reply's last byte.
+    A failed turn ends its conversation, whose later turns would build on a reply that never
+    came: they are not sent (the level's `sent` counts what was)."""
+    sender = _Sender(send, on_result, max_consecutive_connection_errors, ramp_up_s)
+    abort = sender.abort
+    conversations = iter([list(g) for _, g in itertools.groupby(specs, lambda s: s.group_id)])
+    users = level.concurrency or 1
+
+    async def user(k: int) -> None:
+        await _until(sender.user_start(k, users))
+        for turns in conversations:  # shared: each conversation goes to exactly one user
+            history: tuple[Exchange, ...] = ()
+            due = time.perf_counter()
+            for spec in turns:
+                if abort.reason:
+                    return
+                # The turn is due a think time after the reply: a late timer shows as send lag.
+                await _until(due)
+                result = await sender.one(dataclasses.replace(spec, history=history), due)
+                if not result.ok:
+                    break
+                history = (*history, Exchange(spec.prompt, result.text))
+                due = result.end_s + think_time_s
+
+    await asyncio.gather(*(user(k) for k in range(users)))
+    return sender.done()

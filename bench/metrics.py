@@ -4,6 +4,10 @@ Latencies are over successful requests; ITL pools every per-token gap of every s
 request; throughputs divide by the level's wall time (first send to last byte). Failed requests
 are counted, never dropped: success_rate = completed / sent. TTFO is over the successful requests
 that streamed reasoning before their answer, the only ones that have one.
+
+Requests sent during a ramp-up (`ramp_up`, scenario.ramp_up_s) are left out of every figure:
+counts, latencies and throughputs are the steady state's, and the wall time runs from the first
+steady request's send to the level's last byte.
 """
 
 from __future__ import annotations
@@ -67,6 +71,11 @@ def _meets(r: RequestRecord, slo: SloConfig) -> bool:
 
 
 def summarize(requests: Sequence[RequestRecord], duration_s: float, slo: SloConfig) -> LevelMetrics:
+    """The level's figures; `duration_s` is its wall time, which a ramp-up shortens (above)."""
+    steady = [r for r in requests if not r.ramp_up]
+    if steady and len(steady) < len(requests):
+        duration_s = max(r.end_s for r in requests) - min(r.sent_s for r in steady)
+    requests = steady
     ok = [r for r in requests if r.ok]
     duration = max(duration_s, 1e-9)
     out_tokens = sum(r.output_tokens or 0 for r in ok)

@@ -32,6 +32,9 @@ class RequestRecord:
     # and this request's place in it; null where the workload has no groups.
     group_id: int | None
     group_position: int | None
+    # Sent during scenario.ramp_up_s (by its intended send time): recorded, but left out of the
+    # level's statistics (bench.metrics.summarize, bench.levels.level_requests).
+    ramp_up: bool
     request_id: str  # sent as X-Request-Id, to join with server-side logs
     ok: bool
     error: str | None

@@ -351,7 +351,7 @@ _FIGURE_TITLES = {
     "itl": "ITL distribution",
     "frontier": "Capacity search: output throughput against per-user speed, per probe",
     "timeline": "Telemetry timeline",
-    "ttft_by_group_position": "TTFT by position in a shared-prefix group",
+    "ttft_by_group_position": "TTFT by position in a group: a shared prefix, or a conversation",
 }
 
 

@@ -31,7 +31,7 @@ import aiohttp
 
 from bench import capacity, client, environment, metrics, probe, workload
 from bench.config import BenchConfig, LoadLevel, WorkloadConfig
-from bench.load import LagMonitor, LevelOutcome, run_level
+from bench.load import LagMonitor, LevelOutcome, run_conversations, run_level
 from bench.progress import LiveProgress
 from bench.records import SCHEMA_VERSION, RequestRecord, RunRecord, TelemetryRecord
 from bench.stop_signals import Interrupted, StopSignals
@@ -87,6 +87,7 @@ def _record(
         index=spec.index,
         group_id=spec.group_id,
         group_position=spec.group_position,
+        ramp_up=spec.ramp_up,
         request_id=r.request_id,
         ok=r.ok,
         error=r.error,
@@ -344,9 +345,15 @@ async def _level(
     lag_task = asyncio.create_task(lag.run())
     send = functools.partial(run.send, session)
     limit = run.cfg.client.max_consecutive_connection_errors
+    sc = run.cfg.scenario
     started_s = time.perf_counter()
     try:
-        outcome = await run_level(send, specs, level, keep, limit)
+        if sc.turns > 1:
+            outcome = await run_conversations(
+                send, specs, level, sc.think_time_s, keep, limit, ramp_up_s=sc.ramp_up_s
+            )
+        else:
+            outcome = await run_level(send, specs, level, keep, limit, ramp_up_s=sc.ramp_up_s)
     except asyncio.CancelledError as exc:  # a stop signal: what finished is a partial level
         interrupted = True
         reason = str(exc.args[0]) if exc.args else "cancelled"

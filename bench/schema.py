@@ -47,6 +47,9 @@ class ScenarioSchema:
     repeats: int
     warmup_requests: int
     search: str | None
+    turns: int
+    think_time_s: float
+    ramp_up_s: float
 
 
 @dataclass

@@ -34,9 +34,9 @@ from bench.records import (
 _METADATA = {b"bench.schema_version": str(SCHEMA_VERSION).encode()}
 # Older versions this harness still reads, with the columns each lacks per file: they read
 # back as nulls. Version 4 added the speed probes to runs.parquet; version 5 reasoning (TTFO,
-# reasoning tokens) and request groups.
+# reasoning tokens), request groups and the ramp-up mark (null reads as not ramp-up).
 _ADDED_IN_5 = {
-    "requests": ("group_id", "group_position", "reasoning_tokens", "ttfo_ms"),
+    "requests": ("group_id", "group_position", "ramp_up", "reasoning_tokens", "ttfo_ms"),
     "runs": ("ttfo_ms_p50", "ttfo_ms_p99"),
 }
 _MISSING_COLUMNS: dict[int, dict[str, tuple[str, ...]]] = {

@@ -8,7 +8,9 @@ prefixes are the exception (below).
 
 Four kinds of prompt: random tokens (lengths from scenario.length_distribution); a dataset's
 texts (bench/datasets.py); random tokens behind a group's shared prefix (scenario.prefix_groups);
-a trace's hash blocks at the trace's send times (bench/traces.py).
+a trace's hash blocks at the trace's send times (bench/traces.py). Conversations
+(scenario.turns > 1) group random or dataset prompts into turns: the workload holds each turn's
+new user message, and bench/load.py adds the history, whose replies only the server decides.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from bench import datasets, traces
 from bench.config import ConfigError, LoadLevel, ScenarioConfig, WorkloadConfig
@@ -35,6 +38,7 @@ _WORDS = (
     "back"
 ).split()
 _WARMUP_REPEAT = -1
+Floats = npt.NDArray[np.float64]
 
 
 class Tokenizer(Protocol):
@@ -49,16 +53,28 @@ class Tokenizer(Protocol):
 
 
 @dataclass(frozen=True)
+class Exchange:
+    """An earlier turn of a conversation: the user's message and the server's actual reply."""
+
+    user: list[int] | str
+    assistant: str
+
+
+@dataclass(frozen=True)
 class RequestSpec:
     index: int
-    prompt: list[int] | str
-    input_tokens: int  # intended length; the server's usage reports what it really counted
+    prompt: list[int] | str  # a conversation's turn: the new user message alone
+    input_tokens: int  # intended length (of the new message); the server's usage counts all
     output_tokens: int
     offset_s: float  # open loop: send time after the level's start; closed loop: 0
-    # Requests that belong together (a shared prefix's group) and the request's place in it;
-    # None where a workload has no groups.
+    # Requests that belong together (a shared prefix's group, a conversation's turns) and the
+    # request's place in it; None where a workload has no groups.
     group_id: int | None = None
     group_position: int | None = None
+    # Set as the request is sent (bench/load.py), never by the workload: the conversation's
+    # turns before this one, and whether it goes during scenario.ramp_up_s.
+    history: tuple[Exchange, ...] = ()
+    ramp_up: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,14 +144,29 @@ def _lengths(rng: np.random.Generator, n: int, mean: int, scenario: ScenarioConf
 
 
 def _offsets(
-    rng: np.random.Generator, n: int, rate: float | None, burstiness: float
+    rng: np.random.Generator, n: int, rate: float | None, burstiness: float, ramp_up_s: float
 ) -> list[float]:
     if rate is None:
         return [0.0] * n
     # Gamma gaps with mean 1/rate; shape 1 is exponential, i.e. Poisson arrivals.
     gaps = rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n)
     gaps[0] = 0.0
-    return [float(x) for x in np.cumsum(gaps)]
+    steady = np.cumsum(gaps)
+    if ramp_up_s:
+        steady = _ramped(steady, rate, ramp_up_s)
+    return [float(x) for x in steady]
+
+
+def _ramped(steady: Floats, rate: float, ramp_up_s: float) -> Floats:
+    """Arrival times at the full rate, moved onto an intensity that rises linearly from 0 to
+    `rate` over `ramp_up_s`, then stays: time-rescaling turns the process of constant rate into
+    one of the ramped intensity. The cumulative intensity is L(t) = rate t^2 / (2 R) during the
+    ramp and rate R / 2 + rate (t - R) after it; arrival i goes where L(t) = rate * steady_i."""
+    expected = rate * steady  # arrivals expected by each time at the full rate
+    during = expected < rate * ramp_up_s / 2
+    inside = np.sqrt(2.0 * ramp_up_s * expected / rate)
+    after = ramp_up_s + (expected - rate * ramp_up_s / 2) / rate
+    return np.where(during, inside, after)
 
 
 def level_batch(
@@ -154,8 +185,17 @@ def level_batch(
     if scenario.trace_path is not None:
         return _trace_specs(scenario, cfg, seed, text, n)
     arrival_rng = np.random.default_rng([seed, repeat + 1, level.index, 7])
-    offsets = _offsets(arrival_rng, n, level.request_rate, scenario.burstiness)
-    return _specs(scenario, cfg, seed, text, tokenizer, repeat, level, offsets)
+    rate, ramp = level.request_rate, scenario.ramp_up_s
+    offsets = _offsets(arrival_rng, n, rate, scenario.burstiness, ramp)
+    specs = _specs(scenario, cfg, seed, text, tokenizer, repeat, level, offsets)
+    if scenario.turns == 1:
+        return specs
+    # Conversation c is requests c*T .. c*T+T-1, its turns in order (bench/load.py sends them).
+    turns = scenario.turns
+    return [
+        dataclasses.replace(s, group_id=i // turns, group_position=i % turns)
+        for i, s in enumerate(specs)
+    ]
 
 
 def _specs(
@@ -293,7 +333,8 @@ def build(
         )
         if source
     ]
-    return Workload(warmup, batches, _digest(scenario.levels(), warmup, batches, files))
+    shape = (scenario.turns, scenario.think_time_s, scenario.ramp_up_s)
+    return Workload(warmup, batches, _digest(scenario.levels(), warmup, batches, files, shape))
 
 
 def _digest(
@@ -301,12 +342,17 @@ def _digest(
     warmup: list[RequestSpec],
     batches: dict[tuple[int, int], list[RequestSpec]],
     files: list[str],
+    shape: tuple[int, float, float],
 ) -> str:
     """sha256 over every request (and the content of the files they came from, where any), in
-    order; a scenario without files hashes exactly as before files could be named."""
+    order, and over the conversations' and ramp's shape (turns, think time, ramp-up) where they
+    are set; a scenario without files, conversations or ramp hashes exactly as before those
+    existed. A conversation's replies come from the server: the digest covers its user turns."""
     h = hashlib.sha256()
     for sha in files:
         h.update(json.dumps(["file", sha]).encode())
+    if shape != (1, 0.0, 0.0):
+        h.update(json.dumps(["shape", *shape]).encode())
 
     def feed(tag: object, reqs: list[RequestSpec]) -> None:
         h.update(json.dumps(tag).encode())

@@ -23,6 +23,7 @@ def request_record(**fields: Any) -> RequestRecord:
         "index": 0,
         "group_id": None,
         "group_position": None,
+        "ramp_up": False,
         "request_id": "q",
         "ok": True,
         "error": None,

@@ -27,7 +27,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         (["scenario.concurency=[1]"], "scenario.concurency: no such key; did you mean "
          "scenario.concurrency?"),
         (["scenario=nope"], "the scenario files in scenarios/scenario/ are capacity, concurrency, "
-         "dataset, lengths, long_generation, shared_prefix, short_qa, trace_replay"),
+         "dataset, lengths, long_generation, multi_turn, shared_prefix, short_qa, trace_replay"),
         (["target=bundled", "target.model=llama-9000"], "target.model: 'llama-9000' is neither "
          "`tiny`, a named architecture"),
     ],

@@ -106,8 +106,8 @@ def test_an_unknown_key_without_a_close_match_lists_the_keys_at_its_level() -> N
     [
         (
             "scenario=nope",
-            "capacity, concurrency, dataset, lengths, long_generation, shared_prefix, short_qa, "
-            "trace_replay",
+            "capacity, concurrency, dataset, lengths, long_generation, multi_turn, shared_prefix, "
+            "short_qa, trace_replay",
         ),
         ("target=nope", "bundled, openai, refserver"),
     ],

@@ -733,10 +733,11 @@ class _Server:
         response = web.StreamResponse(
             headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
-        await response.prepare(request)
         head = self._head(job, headers, chunk=True)
         first_chunk = True
         try:
+            # The client may be gone before the headers leave (a run stopped mid-level).
+            await response.prepare(request)
             while True:
                 done = progress.finish_reason is not None
                 # With per-chunk usage a chunk without text still tells the client when a token

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from runtime.model_names import check_model
@@ -289,6 +290,8 @@ def _scenario(c: Mapping[str, Any]) -> ScenarioConfig:
         summary = traces.summary(traces.load(trace_path), num_requests, time_scale)
         ins, outs = (summary.input_tokens,), (summary.output_tokens,)
         rates, num_requests = (summary.request_rate,), summary.requests
+    if dataset is not None:
+        ins, outs = _dataset_lengths(dataset, distribution, outs)
     return ScenarioConfig(
         name=str(_str(k + "name", c["name"])),
         description=str(c.get("description") or ""),
@@ -415,6 +418,22 @@ def _check_prefix(prefix: int, ins: tuple[int, ...], dataset: DatasetConfig | No
             f"scenario.prefix_tokens: expected fewer than scenario.input_tokens ({min(ins)}), "
             f"so that every request has tokens of its own after the prefix; got {prefix}"
         )
+
+
+def _dataset_lengths(
+    dataset: DatasetConfig, distribution: str, outs: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A dataset's requests keep their own prompts (and, with length_distribution=dataset, their
+    own output lengths): the level is named by the file's mean lengths, in words where no
+    tokenizer counts them, as a trace's level is by the trace's."""
+    from bench import datasets  # imported here: bench.datasets raises this module's ConfigError
+
+    rows = datasets.load(dataset, None).rows
+    ins = (max(1, round(float(np.mean([r.input_tokens for r in rows])))),)
+    known = [r.output_tokens for r in rows if r.output_tokens is not None]
+    if distribution == "dataset" and known:
+        outs = (max(1, round(float(np.mean(known)))),)
+    return ins, outs
 
 
 def _check_trace(c: Mapping[str, Any], dataset: DatasetConfig | None, groups: int) -> None:

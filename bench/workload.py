@@ -238,7 +238,8 @@ def _dataset_specs(
 ) -> list[RequestSpec]:
     """A dataset's prompts, sent as text on either endpoint; each repeat samples its own rows.
     Output lengths are the rows' own (length_distribution=dataset; a row without one gets the
-    level's), else drawn around the level's."""
+    level's, which bench.config sets to the mean of the rows that tell one), else drawn around
+    the level's."""
     assert scenario.dataset is not None
     rows = datasets.load(scenario.dataset, tokenizer).rows
     n = len(offsets)

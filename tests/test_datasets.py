@@ -200,8 +200,16 @@ def test_prompts_are_text_and_outputs_the_rows_own(tmp_path: Path) -> None:
     specs = workload.build(cfg.scenario, cfg.workload, cfg.seed, text=False).batches[0, 0]
     assert {(s.prompt, s.input_tokens, s.output_tokens) for s in specs} == {
         ("x y z", 3, 9),
-        ("w", 1, 4),  # a row without one: scenario.output_tokens
+        ("w", 1, 9),  # a row without one: the level's, the mean of the rows that tell one
     }
+    assert cfg.scenario.levels()[0].label == "2/9 c=1"  # the file's mean lengths
+
+
+def test_a_file_without_output_lengths_takes_the_scenarios(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "x y z"}, {"prompt": "w"}])
+    cfg = _cfg(path, "scenario.output_tokens=4")
+    specs = workload.build(cfg.scenario, cfg.workload, cfg.seed, text=False).batches[0, 0]
+    assert {s.output_tokens for s in specs} == {4}
 
 
 def test_other_distributions_draw_the_output_lengths(tmp_path: Path) -> None:

@@ -325,10 +325,20 @@ def compare(
     if result.mismatches:
         warnings.append("compared with allow_mismatch=true: " + "; ".join(result.mismatches))
     base_levels, cand_levels = base.levels, cand.levels
+    searched = _searched(base) | _searched(cand)
+    probes = 0  # a search's loads depend on what it measured: one-sided ones are expected
     for name, levels in (("baseline", base_levels), ("candidate", cand_levels)):
         other = cand_levels if name == "baseline" else base_levels
         for level in sorted(set(levels) - set(other), key=Level.sort_key):
-            warnings.append(f"{level.name}: only in the {name}; not compared")
+            if level.scenario in searched:
+                probes += 1
+            else:
+                warnings.append(f"{level.name}: only in the {name}; not compared")
+    if probes:
+        warnings.append(
+            f"{probes} capacity probes at loads only one build measured are not compared level "
+            "by level; the capacity line compares the searches"
+        )
     common = sorted(set(base_levels) & set(cand_levels), key=Level.sort_key)
     # Interleaved builds share the machine's moves, round by round: runs are the samples. A
     # stored baseline's sessions each had the machine in its own state: sessions are.
@@ -404,6 +414,13 @@ def compare(
     _within_machine_drift(result, sessions_of(base.runs), sessions_of(cand.runs))
     result.capacity = _capacity(base, cand, result.warnings)
     return result
+
+
+def _searched(loaded: Loaded) -> set[str]:
+    """The scenarios a build ran as capacity searches (their run directories hold
+    capacity.json)."""
+    sessions = {Path(d).name for d in loaded.side.run_dirs if capacity.read(Path(d)) is not None}
+    return set(loaded.runs.loc[loaded.runs["run_id"].isin(sessions), "scenario"])
 
 
 def _answers(loaded: Loaded) -> list[tuple[str, str, CapacityAnswer]]:

@@ -264,3 +264,33 @@ def test_compare_sets_the_capacities_side_by_side(
         "capacity (users) at TTFT p99 ≤ 2000 ms: baseline 12 [12-12], 13 [12-13]"
     )
     assert words in line
+
+
+@pytest.mark.slow
+def test_compare_sets_two_searches_side_by_side_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench.compare import main as compare_main
+
+    for slots in (2, 5):  # searches 1, 2, 4, 3 and 1, 2, 4, 8, 6, 5: loads apart
+        out = subprocess.run(
+            [
+                sys.executable, "-m", "bench", "scenario=capacity", "target=refserver",
+                f"+target.server_args.slots={slots}", "target.server_args.ttft-ms=10",
+                "target.server_args.itl-ms=2", "scenario.output_tokens=32", "slo.ttft_ms=30",
+                f"results_dir={tmp_path / str(slots)}", "progress=false",
+            ],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+    code = compare_main([f"baseline={tmp_path / '2'}", f"candidate={tmp_path / '5'}"])
+    printed = capsys.readouterr()
+    assert code == 0
+    assert (
+        "capacity (users) at TTFT p99 ≤ 30 ms: baseline 2 [2-2], candidate 5 [5-5]: higher"
+        in printed.out
+    )
+    # Probes at loads one search tried and the other did not are one warning, not one each.
+    assert "only in the" not in printed.err
+    assert "capacity probes at loads only one build measured" in printed.err
+    assert compare_main([f"baseline={tmp_path / '5'}", f"candidate={tmp_path / '2'}"]) == 1

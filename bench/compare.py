@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -130,17 +131,26 @@ class Loaded:
     requests: pd.DataFrame
     machines: tuple[Machine | None, ...] = ()  # per run directory; None: recorded without one
     versions: dict[str, str] = field(default_factory=dict)  # software: "2.5.1+cpu" or "a / b"
+    telemetry: pd.DataFrame = field(default_factory=pd.DataFrame)  # what bench.diagnose reads
 
     @functools.cached_property
     def levels(self) -> dict[Level, pd.DataFrame]:
         """The runs grouped by load level."""
         return levels_of(self.runs)
 
+    @functools.cached_property
+    def capacities(self) -> dict[str, dict[str, Any]]:
+        """capacity.json of each run directory that searched capacity, by its name (the run
+        id of its rows)."""
+        found = ((Path(d).name, capacity.read(Path(d))) for d in self.side.run_dirs)
+        return {name: saved for name, saved in found if saved is not None}
+
 
 def load_side(label: str, source: str, run_dirs: Sequence[Path]) -> Loaded:
     loaded = [store.load(d) for d in run_dirs]
     runs = pd.concat([x.runs for x in loaded], ignore_index=True)
     requests = pd.concat([x.requests for x in loaded], ignore_index=True)
+    telemetry = pd.concat([x.telemetry for x in loaded], ignore_index=True)
     if runs.empty:
         raise CompareError(f"{label} ({source}) has no finished load level")
     # Each run directory is one session, and its runs' run_id is the session's id.
@@ -159,7 +169,8 @@ def load_side(label: str, source: str, run_dirs: Sequence[Path]) -> Loaded:
         started_at=min(e.started_at for e in entries),
     )
     machines = tuple(e.machine for e in entries)
-    result = Loaded(side, runs, requests, machines, versions(*(e.environment for e in entries)))
+    software = versions(*(e.environment for e in entries))
+    result = Loaded(side, runs, requests, machines, software, telemetry)
     sessions = max(frame["run_id"].nunique() for frame in result.levels.values())
     return dataclasses.replace(result, side=dataclasses.replace(side, sessions=sessions))
 
@@ -419,19 +430,19 @@ def compare(
 def _searched(loaded: Loaded) -> set[str]:
     """The scenarios a build ran as capacity searches (their run directories hold
     capacity.json)."""
-    sessions = {Path(d).name for d in loaded.side.run_dirs if capacity.read(Path(d)) is not None}
-    return set(loaded.runs.loc[loaded.runs["run_id"].isin(sessions), "scenario"])
+    return set(loaded.runs.loc[loaded.runs["run_id"].isin(loaded.capacities), "scenario"])
 
 
 def _answers(loaded: Loaded) -> list[tuple[str, str, CapacityAnswer]]:
     """(objectives, unit, answer) of each run directory of a build that searched capacity."""
-    out = []
-    for run_dir in loaded.side.run_dirs:
-        saved = capacity.read(Path(run_dir))
-        if saved is not None:
-            answer = CapacityAnswer(saved["capacity"], saved["low"], saved["high"])
-            out.append((" and ".join(saved["objectives"]), str(saved["unit"]), answer))
-    return out
+    return [
+        (
+            " and ".join(saved["objectives"]),
+            str(saved["unit"]),
+            CapacityAnswer(saved["capacity"], saved["low"], saved["high"]),
+        )
+        for saved in loaded.capacities.values()
+    ]
 
 
 def _capacity(base: Loaded, cand: Loaded, warnings: list[str]) -> CapacityPair | None:
@@ -710,7 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sides = (base, cand)
         labels = [x.side.label + (f" ({x.side.engine})" if x.side.engine else "") for x in sides]
         builds = [Build(lb, x.runs, x.requests) for lb, x in zip(labels, sides, strict=True)]
-        candidate = store.load_all([Path(d) for d in cand.side.run_dirs])
+        candidate = store.StoredRun(cand.requests, cand.runs, cand.telemetry)
         paths = write_comparison_report(result, builds, Path(cfg.report), diagnose(candidate))
         print(f"report: {paths['md']}")
     return EXIT_REGRESSION if result.failed else 0

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bench import store
@@ -108,24 +107,13 @@ Example:
 """
 
 
-def _parse_args(argv: Sequence[str]) -> DiagnoseArgs:
-    """key=value arguments; run= may repeat, which a dotlist alone would collapse to the last."""
-    runs = [a.removeprefix("run=") for a in argv if a.startswith("run=")]
-    rest = [a for a in argv if not a.startswith("run=")]
-    merged = OmegaConf.merge(OmegaConf.structured(DiagnoseArgs), OmegaConf.from_dotlist(rest))
-    args = OmegaConf.to_object(merged)
-    assert isinstance(args, DiagnoseArgs)
-    args.run = runs
-    return args
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if {"-h", "--help"} & set(argv):
         print(USAGE, end="")
         return 0
     try:
-        args = _parse_args(argv)
+        args = store.run_arguments(argv, DiagnoseArgs)
         if not args.run:
             raise ValueError("no run given: pass run=PATH (see --help)")
         dirs = store.find_run_dirs([Path(p) for p in args.run])

@@ -41,6 +41,7 @@ from bench.levels import (
     level_requests,
     level_stats,
     levels_of,
+    steady,
 )
 from bench.levels import peak_memory as level_peak_memory
 from bench.store import StoredRun
@@ -132,16 +133,9 @@ def _x_label(builds: Sequence[Build]) -> tuple[str, bool]:
 # ---- values ------------------------------------------------------------------------------
 
 
-def _steady(requests: pd.DataFrame) -> pd.DataFrame:
-    """Requests outside any ramp-up: what every statistic is of (bench.levels)."""
-    if "ramp_up" not in requests:
-        return requests
-    return requests[~requests["ramp_up"].eq(True)]
-
-
 def _ok(requests: pd.DataFrame) -> pd.DataFrame:
-    steady = _steady(requests)
-    return steady[steady["ok"].astype(bool)]
+    kept = steady(requests)
+    return kept[kept["ok"].astype(bool)]
 
 
 def _values(requests: pd.DataFrame, metric: str) -> Floats:
@@ -160,9 +154,9 @@ def _failures(builds: Sequence[Build]) -> list[str]:
     """Legend labels: the build's label, plus how many requests failed and are not drawn."""
     labels = []
     for b in builds:
-        steady = _steady(b.requests)
-        failed = int((~steady["ok"].astype(bool)).sum()) if len(steady) else 0
-        note = f" · {failed} of {len(steady)} failed, not drawn" if failed else ""
+        kept = steady(b.requests)
+        failed = int((~kept["ok"].astype(bool)).sum()) if len(kept) else 0
+        note = f" · {failed} of {len(kept)} failed, not drawn" if failed else ""
         labels.append(b.label + note)
     return labels
 

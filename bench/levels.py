@@ -149,14 +149,21 @@ def levels_of(runs: pd.DataFrame) -> dict[Level, pd.DataFrame]:
     return dict(sorted(out.items(), key=lambda item: item[0].sort_key()))
 
 
+def steady(requests: pd.DataFrame) -> pd.DataFrame:
+    """The requests outside any ramp-up (`ramp_up`; null in files older than the column, and
+    absent from an empty frame): what every statistic and figure is of."""
+    if "ramp_up" not in requests:
+        return requests
+    return requests[~requests["ramp_up"].eq(True)]
+
+
 def level_requests(requests: pd.DataFrame, level_runs: pd.DataFrame) -> pd.DataFrame:
     """The steady-state requests of a level's runs: those sent during a ramp-up (`ramp_up`;
     null in files older than the column) are left out, as from each run's own row. Joined on
     the run (run_id, scenario, level), not on the load: per-request lengths vary around the
     level's (range_ratio), and one scenario may sweep lengths at one load."""
     keys = ["run_id", "scenario", "level"]
-    steady = requests[~requests["ramp_up"].eq(True)]
-    return steady.merge(level_runs[keys].drop_duplicates(), on=keys)
+    return steady(requests).merge(level_runs[keys].drop_duplicates(), on=keys)
 
 
 # ---- the statistics of a level -----------------------------------------------------------

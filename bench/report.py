@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bench import store
@@ -947,17 +946,6 @@ Example:
 """
 
 
-def _parse_args(argv: Sequence[str]) -> ReportArgs:
-    """key=value arguments; run= may repeat, which a dotlist alone would collapse to the last."""
-    runs = [a.removeprefix("run=") for a in argv if a.startswith("run=")]
-    rest = [a for a in argv if not a.startswith("run=")]
-    merged = OmegaConf.merge(OmegaConf.structured(ReportArgs), OmegaConf.from_dotlist(rest))
-    args = OmegaConf.to_object(merged)
-    assert isinstance(args, ReportArgs)
-    args.run = runs
-    return args
-
-
 def _default_dir(run_dirs: Sequence[Path]) -> Path:
     name = run_dirs[0].name + (f"+{len(run_dirs) - 1}" if len(run_dirs) > 1 else "")
     return Path("reports") / name
@@ -969,7 +957,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, end="")
         return 0
     try:
-        args = _parse_args(argv)
+        args = store.run_arguments(argv, ReportArgs)
         if not args.run:
             raise ReportError("no run given: pass run=PATH (see --help)")
         dirs = store.find_run_dirs([Path(p) for p in args.run])

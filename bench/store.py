@@ -14,11 +14,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from omegaconf import OmegaConf
 
 from bench.records import (
     REQUESTS_SCHEMA,
@@ -118,6 +119,22 @@ def find_run_dirs(paths: Sequence[Path]) -> list[Path]:
             )
         found += inside
     return found
+
+
+Args = TypeVar("Args")
+
+
+def run_arguments(argv: Sequence[str], schema: type[Args]) -> Args:
+    """The key=value arguments of a command that reads runs (bench.report, bench.diagnose) as
+    `schema`, a dataclass with a `run: list[str]` field: run= may repeat, which a dotlist
+    alone would collapse to the last. Raises OmegaConf's errors for a bad key or value."""
+    runs = [a.removeprefix("run=") for a in argv if a.startswith("run=")]
+    rest = [a for a in argv if not a.startswith("run=")]
+    merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(rest))
+    args = OmegaConf.to_object(merged)
+    assert isinstance(args, schema)
+    args.run = runs  # type: ignore[attr-defined]
+    return args
 
 
 def load_all(run_dirs: Sequence[Path]) -> StoredRun:

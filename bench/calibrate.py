@@ -33,9 +33,13 @@ from bench.refserver import read_truth_log
 @dataclass(frozen=True)
 class Calibration:
     concurrency: int
+    workers: int  # client.workers (of client.backend)
     requests: int
+    recorded_once: bool  # every request the server saw is one row, and no row is twice
     ttft_p50_ms: float  # measured by the harness
     ttft_true_p50_ms: float  # logged by the server
+    ttft_error_ms: float  # per request, harness TTFT - the server's: p50
+    ttft_error_p99_ms: float
     itl_p50_ms: float
     itl_true_p50_ms: float
     tokens_exact: float  # share of requests whose output token count is exactly right
@@ -43,11 +47,7 @@ class Calibration:
     uplink_p99_ms: float
     downlink_p50_ms: float
     downlink_p99_ms: float
-    loop_lag_p99_ms: float
-
-    @property
-    def ttft_error_ms(self) -> float:
-        return self.ttft_p50_ms - self.ttft_true_p50_ms
+    loop_lag_p99_ms: float  # the worst worker's
 
     @property
     def itl_error_ms(self) -> float:
@@ -63,6 +63,8 @@ def measure(
     output_tokens: int = 64,
     range_ratio: float = 0.0,
     results_dir: Path | None = None,
+    workers: int = 1,
+    backend: str = "local",
 ) -> Calibration:
     """One closed-loop level against the reference server, compared with its truth log."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,10 +84,16 @@ def measure(
             f"target.server_args.itl-ms={itl_ms}",
             f"target.server_args.tokens-per-event={tokens_per_event}",
             f"scenario.range_ratio={range_ratio}",
+            f"client.workers={workers}",
+            f"client.backend={backend}",
         )
         result = runner.run(cfg)
-        truth = {t.request_id: t for t in read_truth_log(log)}
+        logged = read_truth_log(log)
+        truth = {t.request_id: t for t in logged}
     reqs = [r for r in result.requests if r.ok]
+    ids = [r.request_id for r in result.requests]
+    # The server also logged the warm-up requests, which are never recorded.
+    recorded_once = len(set(ids)) == len(ids) == num_requests and set(ids) <= set(truth)
     origin = result.runs[0].monotonic_origin_s
     pairs = [(r, truth[r.request_id]) for r in reqs]
     uplink = [(t.received - (origin + r.sent_s)) * 1e3 for r, t in pairs]
@@ -94,11 +102,16 @@ def measure(
     def p(values: Sequence[float], q: float) -> float:
         return float(np.percentile(values, q))
 
+    ttft_error = [(r.ttft_ms or 0.0) - t.ttft_s * 1e3 for r, t in pairs]
     return Calibration(
         concurrency=concurrency,
+        workers=workers,
         requests=len(pairs),
+        recorded_once=recorded_once,
         ttft_p50_ms=p([r.ttft_ms or 0.0 for r, _ in pairs], 50),
         ttft_true_p50_ms=p([t.ttft_s * 1e3 for _, t in pairs], 50),
+        ttft_error_ms=p(ttft_error, 50),
+        ttft_error_p99_ms=p(ttft_error, 99),
         itl_p50_ms=p([g for r, _ in pairs for g in r.itl_ms], 50),
         itl_true_p50_ms=p([g * 1e3 for _, t in pairs for g in t.itl_s], 50),
         tokens_exact=sum(r.output_tokens == t.completion_tokens for r, t in pairs) / len(pairs),
@@ -112,14 +125,16 @@ def measure(
 
 def render(rows: Sequence[Calibration]) -> Table:
     t = Table(title="harness error against the reference server's truth log (p50 unless noted)")
-    cols = ["users", "n", "TTFT ms", "true", "error", "ITL ms", "true", "error", "tokens exact",
-            "uplink p50/p99", "downlink p50/p99", "loop lag p99"]  # fmt: skip
+    cols = ["users", "workers", "n", "once", "TTFT ms", "true", "error p50/p99", "ITL ms",
+            "true", "error", "tokens exact", "uplink p50/p99", "downlink p50/p99",
+            "loop lag p99"]  # fmt: skip
     for c in cols:
         t.add_column(c, justify="right")
     for r in rows:
         t.add_row(
-            str(r.concurrency), str(r.requests),
-            f"{r.ttft_p50_ms:.2f}", f"{r.ttft_true_p50_ms:.2f}", f"{r.ttft_error_ms:+.2f}",
+            str(r.concurrency), str(r.workers), str(r.requests), "yes" if r.recorded_once else "NO",
+            f"{r.ttft_p50_ms:.2f}", f"{r.ttft_true_p50_ms:.2f}",
+            f"{r.ttft_error_ms:+.2f} / {r.ttft_error_p99_ms:+.2f}",
             f"{r.itl_p50_ms:.3f}", f"{r.itl_true_p50_ms:.3f}", f"{r.itl_error_ms:+.3f}",
             f"{r.tokens_exact:.0%}",
             f"{r.uplink_p50_ms:.2f} / {r.uplink_p99_ms:.2f}",
@@ -149,6 +164,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=0.0,
         help="output lengths vary by this fraction; 0 keeps every user in lockstep (worst case)",
     )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="client worker processes (client.workers); each level runs at each count",
+    )
+    ap.add_argument("--backend", choices=("local", "ray"), default="local")
     args = ap.parse_args(argv)
     rows = [
         measure(
@@ -159,8 +182,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.tokens_per_event,
             args.output_tokens,
             args.range_ratio,
+            workers=w,
+            backend=args.backend,
         )
         for c in args.concurrency
+        for w in args.workers
     ]
     Console(width=180).print(render(rows))
 

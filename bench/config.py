@@ -22,6 +22,7 @@ SCENARIOS_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 
 ENDPOINTS = ("completions", "chat")
 PROMPT_FORMATS = ("auto", "token_ids", "text")
+CLIENT_BACKENDS = ("local", "ray")
 TARGET_KINDS = ("openai", "refserver", "bundled")
 SEARCHES = ("concurrency", "rate")
 LENGTH_DISTRIBUTIONS = ("fixed", "uniform", "normal", "lognormal", "dataset")
@@ -196,6 +197,12 @@ class ClientConfig:
     request_timeout_s: float
     lag_threshold_ms: float
     max_consecutive_connection_errors: int
+    workers: int | None  # None: auto (bench.workers.auto_workers)
+    backend: str  # one of CLIENT_BACKENDS
+    ray_address: str | None
+    pin_workers: bool
+    streams_per_worker: int
+    tokens_per_s_per_worker: float
 
 
 @dataclass(frozen=True)
@@ -561,6 +568,14 @@ def from_hydra(cfg: DictConfig) -> BenchConfig:
             max_consecutive_connection_errors=_int(
                 "client.max_consecutive_connection_errors", cl["max_consecutive_connection_errors"]
             ),
+            workers=_workers(cl["workers"]),
+            backend=_choice("client.backend", cl["backend"], CLIENT_BACKENDS),
+            ray_address=_str("client.ray_address", cl["ray_address"], optional=True),
+            pin_workers=bool(cl["pin_workers"]),
+            streams_per_worker=_int("client.streams_per_worker", cl["streams_per_worker"]),
+            tokens_per_s_per_worker=_float(
+                "client.tokens_per_s_per_worker", cl["tokens_per_s_per_worker"]
+            ),
         ),
         slo=objectives,
         capacity=CapacityConfig(
@@ -583,6 +598,16 @@ def from_hydra(cfg: DictConfig) -> BenchConfig:
         ),
         resolved_yaml=_recordable_yaml(raw),
     )
+
+
+def _workers(value: object) -> int | None:
+    if value == "auto":
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail("client.workers", "a whole number of processes >= 1, or auto", value)
+    return value
 
 
 def _fraction(key: str, value: object) -> float:

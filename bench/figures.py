@@ -17,6 +17,7 @@ Conventions shared by every figure:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -601,13 +602,18 @@ def _timeline_panels(telemetry: pd.DataFrame) -> list[_Panel]:
         _Trace(name, *_series(telemetry, "server", metric), colour(i), "step")
         for i, (name, metric) in enumerate((("running", RUNNING), ("waiting", WAITING)))
     ]
-    lag = _Trace("client", *_series(telemetry, "client", "loop_lag_ms"), "0.3")
+    # One trace per client worker: "client" alone, or client0, client1, ... (client.workers).
+    clients = sorted(s for s in sources if re.fullmatch(r"client\d*", s))
+    lags = [
+        _Trace(c, *_series(telemetry, c, "loop_lag_ms"), "0.3" if c == "client" else colour(i))
+        for i, c in enumerate(clients)
+    ]
     panels = [
         _Panel("GPU util (%)", per_gpu("gpu_util_pct"), top=105.0),
         memory,
         _Panel("requests", server),
         _Panel("KV cache (%)", _kv_traces(telemetry), top=110.0),
-        _Panel("loop lag (ms)", [lag]),
+        _Panel("loop lag (ms)", lags),
     ]
     return [
         _Panel(p.label, [tr for tr in p.traces if len(tr.t)], p.top)

@@ -54,6 +54,19 @@ class LagMonitor:
             self.samples.append((now, now - start))
 
 
+@dataclass(frozen=True)
+class Part:
+    """The share of a level that one client process runs; with one process, all of it."""
+
+    users: tuple[int, ...]  # closed loop and conversations: which of the level's users
+    cap: int | None  # open loop: the most requests it keeps in flight (None: no cap)
+    started_s: float | None = None  # the level's start on this process's clock; None: now
+
+    @classmethod
+    def whole(cls, level: LoadLevel) -> Part:
+        return cls(tuple(range(level.concurrency or 1)), level.concurrency)
+
+
 @dataclass
 class LevelOutcome:
     results: list[RequestResult] = field(default_factory=list)
@@ -98,14 +111,16 @@ class _Sender:
         on_result: Callable[[RequestSpec, RequestResult], None],
         max_consecutive_connection_errors: int,
         ramp_up_s: float,
+        started_s: float | None,
     ) -> None:
-        self.out = LevelOutcome(started_s=time.perf_counter())
+        start = time.perf_counter() if started_s is None else started_s
+        self.out = LevelOutcome(started_s=start)
         self.abort = _Abort(max_consecutive_connection_errors)
         self.send, self.on_result, self.ramp_up_s = send, on_result, ramp_up_s
 
-    def user_start(self, user: int, users: int) -> float:
-        """When closed-loop user `user` of `users` starts: evenly staggered over the ramp."""
-        return self.out.started_s + user * self.ramp_up_s / users
+    def user_start(self, user: int, level: LoadLevel) -> float:
+        """When closed-loop user `user` of the level's starts: evenly staggered over the ramp."""
+        return self.out.started_s + user * self.ramp_up_s / (level.concurrency or 1)
 
     async def one(self, spec: RequestSpec, scheduled_s: float) -> RequestResult:
         if scheduled_s - self.out.started_s < self.ramp_up_s:
@@ -130,25 +145,27 @@ async def run_level(
     max_consecutive_connection_errors: int,
     *,
     ramp_up_s: float = 0.0,
+    part: Part | None = None,
 ) -> LevelOutcome:
-    """Send `specs` at the level's load; every result, failed or not, goes to on_result."""
-    sender = _Sender(send, on_result, max_consecutive_connection_errors, ramp_up_s)
+    """Send `specs` at the level's load (this process's `part` of it, by default the whole);
+    every result, failed or not, goes to on_result."""
+    part = part or Part.whole(level)
+    sender = _Sender(send, on_result, max_consecutive_connection_errors, ramp_up_s, part.started_s)
     out, abort, one = sender.out, sender.abort, sender.one
 
     if level.request_rate is None:
         pending = iter(specs)
-        users = level.concurrency or 1
 
         async def user(k: int) -> None:
-            await _until(sender.user_start(k, users))
+            await _until(sender.user_start(k, level))
             for spec in pending:  # a shared iterator: each spec goes to exactly one user
                 if abort.reason:
                     return
                 await one(spec, time.perf_counter())
 
-        await asyncio.gather(*(user(k) for k in range(users)))
+        await asyncio.gather(*(user(k) for k in part.users))
     else:
-        cap = asyncio.Semaphore(level.concurrency) if level.concurrency else None
+        cap = asyncio.Semaphore(part.cap) if part.cap else None
 
         async def scheduled(spec: RequestSpec, scheduled_s: float) -> None:
             await _until(scheduled_s)
@@ -178,6 +195,7 @@ async def run_conversations(
     max_consecutive_connection_errors: int,
     *,
     ramp_up_s: float = 0.0,
+    part: Part | None = None,
 ) -> LevelOutcome:
     """Closed loop over conversations: `specs` are their turns, consecutive by group_id and in
     turn order (bench/workload.py). Each of the level's users takes the next conversation and
@@ -185,13 +203,13 @@ async def run_conversations(
     server's actual reply before its own, `think_time_s` after the previous reply's last byte.
     A failed turn ends its conversation, whose later turns would build on a reply that never
     came: they are not sent (the level's `sent` counts what was)."""
-    sender = _Sender(send, on_result, max_consecutive_connection_errors, ramp_up_s)
+    part = part or Part.whole(level)
+    sender = _Sender(send, on_result, max_consecutive_connection_errors, ramp_up_s, part.started_s)
     abort = sender.abort
     conversations = iter([list(g) for _, g in itertools.groupby(specs, lambda s: s.group_id)])
-    users = level.concurrency or 1
 
     async def user(k: int) -> None:
-        await _until(sender.user_start(k, users))
+        await _until(sender.user_start(k, level))
         for turns in conversations:  # shared: each conversation goes to exactly one user
             history: tuple[Exchange, ...] = ()
             due = time.perf_counter()
@@ -206,5 +224,5 @@ async def run_conversations(
                 history = (*history, Exchange(spec.prompt, result.text))
                 due = result.end_s + think_time_s
 
-    await asyncio.gather(*(user(k) for k in range(users)))
+    await asyncio.gather(*(user(k) for k in part.users))
     return sender.done()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class RequestRecord:
     # level's statistics (bench.metrics.summarize, bench.levels.level_requests).
     ramp_up: bool
     request_id: str  # sent as X-Request-Id, to join with server-side logs
+    worker: int  # the client worker process that sent it (client.workers); 0 with one
     ok: bool
     error: str | None
     error_message: str | None
@@ -125,7 +126,15 @@ class RunRecord:
     loop_lag_ms_p50: float | None
     loop_lag_ms_p99: float | None
     loop_lag_ms_max: float | None
-    client_bound: bool
+    client_bound: bool  # some worker's loop lag p99 above client.lag_threshold_ms
+    # The client's workers (client.workers) and, per worker that ran a part of the level, its
+    # loop lag p99, its send lag p99, and its clock's offset to the coordinator's with the
+    # offset's uncertainty (0 for processes on the coordinator's host, which share its clock).
+    workers: int
+    worker_loop_lag_ms_p99: list[float]
+    worker_send_lag_ms_p99: list[float]
+    worker_clock_offset_ms: list[float]
+    worker_clock_uncertainty_ms: list[float]
     peak_gpu_memory_mib: list[float]  # per GPU index; empty without NVML
     peak_gpu_memory_mib_total: float | None
     peak_rss_mib: float | None  # managed server process tree, the CPU stand-in for VRAM

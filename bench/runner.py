@@ -27,11 +27,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import aiohttp
-
-from bench import capacity, client, environment, metrics, probe, workload
+from bench import capacity, client, environment, metrics, probe, workers, workload
 from bench.config import BenchConfig, LoadLevel, WorkloadConfig
-from bench.load import LagMonitor, LevelOutcome, run_conversations, run_level
+from bench.load import LevelOutcome
 from bench.progress import LiveProgress
 from bench.records import SCHEMA_VERSION, RequestRecord, RunRecord, TelemetryRecord
 from bench.stop_signals import Interrupted, StopSignals
@@ -69,6 +67,7 @@ def _record(
     run_id: str,
     scenario: str,
     origin_s: float,
+    worker: int,
 ) -> RequestRecord:
     first = r.first_token_s
     n_out = r.output_tokens or 0
@@ -89,6 +88,7 @@ def _record(
         group_position=spec.group_position,
         ramp_up=spec.ramp_up,
         request_id=r.request_id,
+        worker=worker,
         ok=r.ok,
         error=r.error,
         error_message=r.error_message,
@@ -126,15 +126,6 @@ def _workload_hash(cfg: BenchConfig, digest: str) -> str:
     return hashlib.sha256(json.dumps(request_shape, sort_keys=True).encode()).hexdigest()
 
 
-def _tokenizer(path: str | None) -> workload.Tokenizer | None:
-    if path is None:
-        return None
-    from transformers import AutoTokenizer  # heavy import, only when a tokenizer is configured
-
-    tok: workload.Tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)  # type: ignore[assignment]
-    return tok
-
-
 def _prompt_ids(
     cfg: WorkloadConfig, server: Server, tokenizer: workload.Tokenizer | None
 ) -> WorkloadConfig:
@@ -165,7 +156,7 @@ class _Run:
     ) -> None:
         self.cfg, self.server, self.sampler = cfg, server, sampler
         self.probe_before = before
-        self.tokenizer = _tokenizer(cfg.target.tokenizer)
+        self.tokenizer = workload.load_tokenizer(cfg.target.tokenizer)
         text = cfg.workload.prompt_format == "text" or (
             cfg.workload.prompt_format == "auto" and cfg.target.endpoint == "chat"
         )
@@ -183,10 +174,33 @@ class _Run:
         self.target = dataclasses.replace(cfg.target, base_url=server.base_url, model=server.model)
         self.search: capacity.Search | None = None  # a capacity search, once it has begun
 
-    async def send(
-        self, session: aiohttp.ClientSession, spec: workload.RequestSpec, at: float
-    ) -> client.RequestResult:
-        return await client.send(session, self.target, self.server.model, spec, at, self.tokenizer)
+    def worker_setup(self) -> workers.Setup:
+        sc = self.cfg.scenario
+        biggest = max((lv.concurrency or 0 for lv in sc.levels()), default=0) or None
+        if sc.search == "concurrency":
+            biggest = int(self.cfg.capacity.max_load)
+        return workers.Setup(
+            self.target, self.cfg.target.tokenizer, self.cfg.client.request_timeout_s, biggest
+        )
+
+    async def level(
+        self,
+        pool: workers.Workers,
+        specs: list[workload.RequestSpec],
+        level: LoadLevel,
+        on_result: workers.OnResult,
+    ) -> tuple[LevelOutcome, list[workers.WorkerLevel]]:
+        sc = self.cfg.scenario
+        return await workers.run_level_on(
+            pool,
+            specs,
+            level,
+            on_result,
+            conversations=sc.turns > 1,
+            ramp_up_s=sc.ramp_up_s,
+            think_time_s=sc.think_time_s,
+            max_consecutive_connection_errors=self.cfg.client.max_consecutive_connection_errors,
+        )
 
     def run_record(
         self,
@@ -194,19 +208,23 @@ class _Run:
         repeat: int,
         outcome: LevelOutcome,
         requests: list[RequestRecord],
-        lag: LagMonitor,
+        ends: list[workers.WorkerLevel],
         num_requests: int,
     ) -> RunRecord:
         cfg = self.cfg
         m = metrics.summarize(requests, outcome.ended_s - outcome.started_s, cfg.slo)
-        lag_ms = metrics.Distribution.of([s * 1000.0 for _, s in lag.samples])
+        lags = [metrics.Distribution.of([s * 1000.0 for _, s in e.lag]) for e in ends]
+        send_lags = [
+            metrics.Distribution.of([r.send_lag_ms for r in requests if r.worker == e.worker])
+            for e in ends
+        ]
         peaks = self.sampler.peaks_since(outcome.started_s)
         gpus = sorted(
             (int(k[3:].split(".")[0]), v) for k, v in peaks.items() if k.startswith("gpu")
         )
         started = datetime.now(UTC).timestamp() - (time.perf_counter() - outcome.started_s)
         ended = started + (outcome.ended_s - outcome.started_s)
-        lag_max = max((s for _, s in lag.samples), default=None)
+        lag_max = max((s for e in ends for _, s in e.lag), default=None)
         d = {
             f"{name}_{stat}": getattr(getattr(m, name), stat)
             for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
@@ -249,10 +267,16 @@ class _Run:
             e2e_from_scheduled_ms_p99=m.e2e_from_scheduled_ms.p99,
             send_lag_ms_p50=m.send_lag_ms.p50,
             send_lag_ms_p99=m.send_lag_ms.p99,
-            loop_lag_ms_p50=lag_ms.p50,
-            loop_lag_ms_p99=lag_ms.p99,
+            # With several workers, the worst worker's: each one's lag delays its own streams.
+            loop_lag_ms_p50=max((d.p50 for d in lags if d.p50 is not None), default=None),
+            loop_lag_ms_p99=max((d.p99 for d in lags if d.p99 is not None), default=None),
             loop_lag_ms_max=None if lag_max is None else lag_max * 1000.0,
-            client_bound=(lag_ms.p99 or 0.0) > cfg.client.lag_threshold_ms,
+            client_bound=any((d.p99 or 0.0) > cfg.client.lag_threshold_ms for d in lags),
+            workers=len(ends),
+            worker_loop_lag_ms_p99=[d.p99 or 0.0 for d in lags],
+            worker_send_lag_ms_p99=[d.p99 or 0.0 for d in send_lags],
+            worker_clock_offset_ms=[e.clock.offset_s * 1e3 for e in ends],
+            worker_clock_uncertainty_ms=[e.clock.uncertainty_s * 1e3 for e in ends],
             peak_gpu_memory_mib=[v for _, v in gpus],
             peak_gpu_memory_mib_total=sum(v for _, v in gpus) if gpus else None,
             peak_rss_mib=peaks.get("process.rss_mib"),
@@ -288,16 +312,22 @@ class _Run:
             for s in samples
         )
 
-    def telemetry_lag(self, lag: LagMonitor) -> None:
+    def telemetry_lag(self, ends: list[workers.WorkerLevel]) -> None:
         self.store.telemetry.extend(
             TelemetryRecord(
-                SCHEMA_VERSION, self.run_id, t - self.origin_s, "client", "loop_lag_ms", v * 1e3
+                SCHEMA_VERSION,
+                self.run_id,
+                t - self.origin_s,
+                "client" if len(ends) == 1 else f"client{e.worker}",
+                "loop_lag_ms",
+                v * 1e3,
             )
-            for t, v in lag.samples
+            for e in ends
+            for t, v in e.lag
         )
 
 
-async def _warmup(run: _Run, session: aiohttp.ClientSession) -> None:
+async def _warmup(run: _Run, pool: workers.Workers) -> None:
     specs = run.workload.warmup
     if not specs:
         return
@@ -305,13 +335,11 @@ async def _warmup(run: _Run, session: aiohttp.ClientSession) -> None:
     level = LoadLevel(-1, specs[0].input_tokens, specs[0].output_tokens, users, None)
     failures: list[client.RequestResult] = []
 
-    def keep(_: workload.RequestSpec, r: client.RequestResult) -> None:
+    def keep(_: workload.RequestSpec, r: client.RequestResult, worker: int) -> None:
         if not r.ok:
             failures.append(r)
 
-    send = functools.partial(run.send, session)
-    limit = run.cfg.client.max_consecutive_connection_errors
-    await run_level(send, specs, level, keep, limit)
+    await run.level(pool, specs, level, keep)
     if len(failures) == len(specs):
         first = failures[0]
         status = f"HTTP {first.http_status}: " if first.http_status else ""
@@ -323,7 +351,7 @@ async def _warmup(run: _Run, session: aiohttp.ClientSession) -> None:
 
 async def _level(
     run: _Run,
-    session: aiohttp.ClientSession,
+    pool: workers.Workers,
     level: LoadLevel,
     repeat: int,
     specs: list[workload.RequestSpec],
@@ -333,39 +361,29 @@ async def _level(
     requests: list[RequestRecord] = []
     interrupted = False
 
-    def keep(spec: workload.RequestSpec, r: client.RequestResult) -> None:
+    def keep(spec: workload.RequestSpec, r: client.RequestResult, worker: int) -> None:
         if interrupted:  # a request that outlived the interruption: not part of the level
             return
-        rec = _record(r, spec, level, repeat, run.run_id, run.cfg.scenario.name, run.origin_s)
+        rec = _record(
+            r, spec, level, repeat, run.run_id, run.cfg.scenario.name, run.origin_s, worker
+        )
         requests.append(rec)
         run.store.requests.append(rec)  # on disk at the next flush, even if the level dies
         progress.request_done(r.ok)
 
-    lag = LagMonitor()
-    lag_task = asyncio.create_task(lag.run())
-    send = functools.partial(run.send, session)
-    limit = run.cfg.client.max_consecutive_connection_errors
-    sc = run.cfg.scenario
     started_s = time.perf_counter()
     try:
-        if sc.turns > 1:
-            outcome = await run_conversations(
-                send, specs, level, sc.think_time_s, keep, limit, ramp_up_s=sc.ramp_up_s
-            )
-        else:
-            outcome = await run_level(send, specs, level, keep, limit, ramp_up_s=sc.ramp_up_s)
+        outcome, ends = await run.level(pool, specs, level, keep)
     except asyncio.CancelledError as exc:  # a stop signal: what finished is a partial level
         interrupted = True
         reason = str(exc.args[0]) if exc.args else "cancelled"
         stopped = LevelOutcome(
             started_s=started_s, ended_s=time.perf_counter(), stopped_early=reason
         )
-        run.store.runs.append(run.run_record(level, repeat, stopped, requests, lag, len(specs)))
+        run.store.runs.append(run.run_record(level, repeat, stopped, requests, [], len(specs)))
         raise
-    finally:
-        lag_task.cancel()
-        run.telemetry_lag(lag)
-    row = run.run_record(level, repeat, outcome, requests, lag, len(specs))
+    run.telemetry_lag(ends)
+    row = run.run_record(level, repeat, outcome, requests, ends, len(specs))
     run.store.runs.append(row)
     return outcome, requests, row
 
@@ -381,28 +399,24 @@ def _stopped(run: _Run, outcome: LevelOutcome) -> str | None:
 async def _measure(run: _Run, progress: LiveProgress) -> str | None:
     """Run every level of every repeat; returns why it stopped early, or None."""
     sc = run.cfg.scenario
-    levels = sc.levels()
-    biggest = max((lv.concurrency or 0 for lv in levels), default=0) or None
-    if sc.search == "concurrency":
-        biggest = int(run.cfg.capacity.max_load)
-    async with client.session(biggest, run.cfg.client.request_timeout_s) as session:
-        await _warmup(run, session)
+    async with workers.started(run.cfg, run.worker_setup(), run.tokenizer) as pool:
+        await _warmup(run, pool)
         if sc.search:
-            return await _search(run, session, progress)
+            return await _search(run, pool, progress)
         for repeat in range(sc.repeats):
-            for level in levels:
+            for level in sc.levels():
                 progress.start_level(
                     f"rep {repeat + 1}/{sc.repeats}  {level.label}", sc.num_requests
                 )
                 specs = run.workload.batches[level.index, repeat]
-                outcome, _, _ = await _level(run, session, level, repeat, specs, progress)
+                outcome, _, _ = await _level(run, pool, level, repeat, specs, progress)
                 run.store.flush()
                 if reason := _stopped(run, outcome):
                     return reason
     return None
 
 
-async def _search(run: _Run, session: aiohttp.ClientSession, progress: LiveProgress) -> str | None:
+async def _search(run: _Run, pool: workers.Workers, progress: LiveProgress) -> str | None:
     """A capacity search: round after round at the load bench.capacity chooses."""
     search = run.search = capacity.search_for(run.cfg)
     while (load := search.next_load()) is not None:
@@ -410,7 +424,7 @@ async def _search(run: _Run, session: aiohttp.ClientSession, progress: LiveProgr
         n = search.round_size(load)
         progress.start_level(f"probe {level.index + 1} round {repeat + 1}  {level.label}", n)
         specs = run.batch(level, repeat, n)
-        outcome, requests, row = await _level(run, session, level, repeat, specs, progress)
+        outcome, requests, row = await _level(run, pool, level, repeat, specs, progress)
         run.store.flush()
         if reason := _stopped(run, outcome):
             return reason

@@ -107,6 +107,12 @@ class ClientSchema:
     request_timeout_s: float
     lag_threshold_ms: float
     max_consecutive_connection_errors: int
+    workers: Any  # a whole number or "auto"
+    backend: str
+    ray_address: str | None
+    pin_workers: bool
+    streams_per_worker: int
+    tokens_per_s_per_worker: float
 
 
 @dataclass

@@ -35,14 +35,32 @@ from bench.records import (
 _METADATA = {b"bench.schema_version": str(SCHEMA_VERSION).encode()}
 # Older versions this harness still reads, with the columns each lacks per file: they read
 # back as nulls. Version 4 added the speed probes to runs.parquet; version 5 reasoning (TTFO,
-# reasoning tokens), request groups and the ramp-up mark (null reads as not ramp-up).
+# reasoning tokens), request groups and the ramp-up mark (null reads as not ramp-up); version
+# 6 the client's workers.
+_ADDED_IN_6 = {
+    "requests": ("worker",),
+    "runs": (
+        "workers",
+        "worker_loop_lag_ms_p99",
+        "worker_send_lag_ms_p99",
+        "worker_clock_offset_ms",
+        "worker_clock_uncertainty_ms",
+    ),
+}
 _ADDED_IN_5 = {
     "requests": ("group_id", "group_position", "ramp_up", "reasoning_tokens", "ttfo_ms"),
     "runs": ("ttfo_ms_p50", "ttfo_ms_p99"),
 }
+
+
+def _and(*versions: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    return {f: tuple(c for v in versions for c in v.get(f, ())) for f in ("requests", "runs")}
+
+
 _MISSING_COLUMNS: dict[int, dict[str, tuple[str, ...]]] = {
-    3: {**_ADDED_IN_5, "runs": ("probe_before_json", "probe_after_json", *_ADDED_IN_5["runs"])},
-    4: _ADDED_IN_5,
+    3: _and({"runs": ("probe_before_json", "probe_after_json")}, _ADDED_IN_5, _ADDED_IN_6),
+    4: _and(_ADDED_IN_5, _ADDED_IN_6),
+    5: _ADDED_IN_6,
 }
 
 

@@ -52,6 +52,16 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
+def load_tokenizer(path: str | None) -> Tokenizer | None:
+    """A local Hugging Face tokenizer (never downloaded), or None without a path."""
+    if path is None:
+        return None
+    from transformers import AutoTokenizer  # heavy import, only when a tokenizer is configured
+
+    tok: Tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)  # type: ignore[assignment]
+    return tok
+
+
 @dataclass(frozen=True)
 class Exchange:
     """An earlier turn of a conversation: the user's message and the server's actual reply."""

@@ -15,7 +15,7 @@ def _req(ok: bool = True, ttft: float = 100.0, out: int = 11, e2e: float = 200.0
     return RequestRecord(
         schema_version=SCHEMA_VERSION, run_id="r", scenario="s", repeat=0, level=0,
         input_tokens=64, output_tokens_requested=out, concurrency=1, request_rate=None, index=0,
-        group_id=None, group_position=None, ramp_up=False, request_id="x", ok=ok,
+        group_id=None, group_position=None, ramp_up=False, request_id="x", worker=0, ok=ok,
         error=None if ok else "refused", error_message=None,
         http_status=200 if ok else 429, prompt_tokens=64 if ok else None,
         output_tokens=out if ok else None, reasoning_tokens=None, output_tokens_source="usage",

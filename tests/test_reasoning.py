@@ -183,7 +183,7 @@ def _measure(server: RefServer, target: TargetConfig) -> tuple[RequestRecord, Tr
 
     r = asyncio.run(go())
     level = LoadLevel(0, SPEC.input_tokens, SPEC.output_tokens, 1, None)
-    record = _record(r, SPEC, level, 0, "run", "reasoning", 0.0)
+    record = _record(r, SPEC, level, 0, "run", "reasoning", 0.0, 0)
     truth = {t.request_id: t for t in read_truth_log(server.truth_log)}[r.request_id]
     return record, truth
 
@@ -261,7 +261,7 @@ def test_the_record_carries_the_requests_group(refserver: StartServer) -> None:
             return await client.send(session, _target(server.url), "refserver", spec, 0.0)
 
     level = LoadLevel(0, spec.input_tokens, spec.output_tokens, 1, None)
-    record = _record(asyncio.run(go()), spec, level, 0, "run", "groups", 0.0)
+    record = _record(asyncio.run(go()), spec, level, 0, "run", "groups", 0.0, 0)
     assert (record.group_id, record.group_position) == (3, 1)
 
 

@@ -15,10 +15,13 @@ Two groups join the same ranks (see runtime/worker.py for who sends what):
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -103,6 +106,7 @@ def init_group(
     out: N ranks on one box get cores // N threads each, not all of them (N ranks x all cores
     would thrash)."""
     torch.set_num_threads(max(1, cores() // size))
+    _gloo_on_loopback(init_method)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # nccl's collectives run on the current device
     dist.init_process_group(
@@ -112,6 +116,27 @@ def init_group(
     control = dist.new_group(list(range(size)), timeout=CONTROL_TIMEOUT, backend="gloo")
     assert control is not None  # every rank is a member
     return TensorParallel(rank, size), control
+
+
+def _gloo_on_loopback(init_method: str) -> None:
+    """Ranks that meet on a loopback address talk over loopback. Gloo otherwise listens on
+    the address the machine's hostname resolves to, which may face a network; an interface
+    set in GLOO_SOCKET_IFNAME is left alone."""
+    host = urlsplit(init_method).hostname if init_method.startswith("tcp://") else None
+    host = host or os.environ.get("MASTER_ADDR", "")
+    if "GLOO_SOCKET_IFNAME" in os.environ or not _is_loopback(host):
+        return
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and _is_loopback(a.address) for a in addresses):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def close_group() -> None:

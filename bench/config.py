@@ -203,6 +203,7 @@ class ClientConfig:
     pin_workers: bool
     streams_per_worker: int
     tokens_per_s_per_worker: float
+    allow_busy_server: bool
 
 
 @dataclass(frozen=True)
@@ -576,6 +577,7 @@ def from_hydra(cfg: DictConfig) -> BenchConfig:
             tokens_per_s_per_worker=_float(
                 "client.tokens_per_s_per_worker", cl["tokens_per_s_per_worker"]
             ),
+            allow_busy_server=bool(cl["allow_busy_server"]),
         ),
         slo=objectives,
         capacity=CapacityConfig(

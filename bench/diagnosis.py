@@ -28,17 +28,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bench.levels import Level, levels_of
 from bench.store import StoredRun
+from bench.telemetry import KV_USAGE, PREEMPTIONS, RUNNING, WAITING
 
 Floats = npt.NDArray[np.float64]
 
 DIAGNOSIS_FILE = "diagnosis.json"
 TIMELINE_FILE = "timeline.png"
-
-# The server's gauges as bench.telemetry scrapes them (vLLM's names).
-RUNNING = "vllm:num_requests_running"
-WAITING = "vllm:num_requests_waiting"
-KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # vLLM's name, then older
-PREEMPTIONS = "vllm:num_preemptions_total"  # a counter: cumulative since the server started
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
-from bench.diagnosis import KV_USAGE, PREEMPTIONS, RUNNING, WAITING, level_windows
+from bench.diagnosis import level_windows
 from bench.levels import (
     REQUEST_COLUMNS,
     RUN_COLUMNS,
@@ -46,6 +46,7 @@ from bench.levels import (
 )
 from bench.levels import peak_memory as level_peak_memory
 from bench.store import StoredRun
+from bench.telemetry import KV_USAGE, PREEMPTIONS, RUNNING, WAITING
 
 Floats = npt.NDArray[np.float64]
 

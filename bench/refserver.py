@@ -19,7 +19,7 @@ Slots (``--slots K``). At most K requests are generated at once; the others wait
 first served, and a request's schedule starts when it gets a slot (``started``), so its TTFT
 includes the wait. Closed-loop load above K users therefore queues by a known amount: the
 server's capacity is exactly K. ``/metrics`` publishes ``vllm:num_requests_running`` (requests
-holding a slot) and ``vllm:num_requests_waiting`` under vLLM's names, and the final usage carries
+being generated) and ``vllm:num_requests_waiting`` under vLLM's names, and the final usage carries
 the server's own ``timings`` (queue_ms, prefill_ms, decode_ms, e2e_ms) as the bundled engine's
 does. Without slots nothing waits. ``--max-concurrency`` instead refuses (429) what it cannot
 take.
@@ -290,7 +290,7 @@ class _RefServer:
         self.log: TextIO | None = None
         self.registry = CollectorRegistry()
         for name, doc, read in (
-            ("vllm:num_requests_running", "Requests holding a slot.", lambda: self.running),
+            ("vllm:num_requests_running", "Requests being generated.", lambda: self.running),
             ("vllm:num_requests_waiting", "Requests waiting for a slot.", lambda: self.waiting),
         ):
             gauge = Gauge(name, doc, ["model_name"], registry=self.registry)
@@ -330,20 +330,21 @@ class _RefServer:
         try:
             # The payload stream, not request.read(): its 1 MiB cap would refuse long prompts.
             params = _parse(await request.content.read(), chat, self.cfg.model)
-            if self.slots is None:
-                return await self._generate(request, params, received, received, headers)
-            self.waiting += 1
-            try:
-                await self.slots.acquire()  # first come, first served
-            finally:
-                self.waiting -= 1
+            started = received
+            if self.slots is not None:
+                self.waiting += 1
+                try:
+                    await self.slots.acquire()  # first come, first served
+                finally:
+                    self.waiting -= 1
+                started = time.monotonic()
             self.running += 1
             try:
-                started = time.monotonic()
                 return await self._generate(request, params, received, started, headers)
             finally:
                 self.running -= 1
-                self.slots.release()
+                if self.slots is not None:
+                    self.slots.release()
         except _ApiError as e:
             return e.response(headers)
         finally:

@@ -34,8 +34,8 @@ from bench.progress import LiveProgress
 from bench.records import SCHEMA_VERSION, RequestRecord, RunRecord, TelemetryRecord
 from bench.stop_signals import Interrupted, StopSignals
 from bench.store import RunStore
-from bench.targets import Server, refusal_hint, serve
-from bench.telemetry import Sample, Sampler
+from bench.targets import Server, TargetError, refusal_hint, serve
+from bench.telemetry import RUNNING, WAITING, Sample, Sampler, scrape_server
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
@@ -327,6 +327,28 @@ class _Run:
         )
 
 
+class BusyServerError(TargetError):
+    """The server was already serving requests before the run sent any."""
+
+
+def _check_idle(cfg: BenchConfig, server: Server) -> None:
+    """A server the harness did not start may be shared (another job of a sweep, another
+    user), whose requests would be in this run's latency: refuse one that is busy before the
+    run has sent anything, where its /metrics tells (vLLM's running and waiting gauges)."""
+    if cfg.target.managed or cfg.client.allow_busy_server:
+        return
+    gauges = {s.metric: s.value for s in scrape_server(f"{server.base_url}/metrics", 2.0)}
+    running, waiting = gauges.get(RUNNING, 0.0), gauges.get(WAITING, 0.0)
+    if running or waiting:
+        raise BusyServerError(
+            f"the server at {server.base_url} is already serving {running:.0f} requests "
+            f"({waiting:.0f} waiting) before this run sent any: another job or user shares "
+            "it, and its requests would be in this run's latency. Give each job its own "
+            "server, run the jobs one after another, or set client.allow_busy_server=true "
+            "to measure anyway"
+        )
+
+
 async def _warmup(run: _Run, pool: workers.Workers) -> None:
     specs = run.workload.warmup
     if not specs:
@@ -399,6 +421,7 @@ def _stopped(run: _Run, outcome: LevelOutcome) -> str | None:
 async def _measure(run: _Run, progress: LiveProgress) -> str | None:
     """Run every level of every repeat; returns why it stopped early, or None."""
     sc = run.cfg.scenario
+    _check_idle(run.cfg, run.server)
     async with workers.started(run.cfg, run.worker_setup(), run.tokenizer) as pool:
         await _warmup(run, pool)
         if sc.search:

@@ -113,6 +113,7 @@ class ClientSchema:
     pin_workers: bool
     streams_per_worker: int
     tokens_per_s_per_worker: float
+    allow_busy_server: bool
 
 
 @dataclass

@@ -33,13 +33,11 @@ log = logging.getLogger(__name__)
 MEMORY_METRICS = ("memory_used_mib", "rss_mib")
 # The server-side signals that tell an under-fed server from a saturated one (vLLM's names;
 # the bundled engine uses them too). Servers without /metrics simply contribute nothing.
-SERVER_METRICS = (
-    "vllm:num_requests_running",
-    "vllm:num_requests_waiting",
-    "vllm:kv_cache_usage_perc",
-    "vllm:gpu_cache_usage_perc",
-    "vllm:num_preemptions_total",
-)
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # vLLM's name, then older
+PREEMPTIONS = "vllm:num_preemptions_total"  # a counter: cumulative since the server started
+SERVER_METRICS = (RUNNING, WAITING, *KV_USAGE, PREEMPTIONS)
 _MIB = 1024 * 1024
 
 

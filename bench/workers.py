@@ -359,7 +359,8 @@ def _process_main(conn: Connection, setup: Setup, cpu: int | None) -> None:
 
 class LocalWorkers:
     """N worker processes on this host, optionally each pinned to one CPU (client.pin_workers:
-    the last N of the CPUs this process may use, leaving the first ones to a local server)."""
+    worker k to the k-th of the last N CPUs this process may use, leaving the first ones to a
+    local server; with one worker, the coordinator itself to the last)."""
 
     # Enough for each worker to receive a part of thousands of requests before the level starts.
     start_ahead_s = 0.2
@@ -461,6 +462,8 @@ async def started(
         workers = RayWorkers(setup, n, cl.ray_address)
     elif n == 1:
         workers = InProcess(setup, tokenizer)
+        if cl.pin_workers:  # the one worker is this process
+            os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
     else:
         workers = LocalWorkers(setup, n, cl.pin_workers)
     if cl.workers is None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -174,3 +176,30 @@ def test_failing_warmup_stops_before_measuring_and_leaves_nothing(tmp_path: Path
     assert out.returncode == 2
     assert "warm-up requests failed" in out.stderr and "HTTP 400" in out.stderr
     assert _run_dirs(tmp_path) == []
+
+
+def test_a_server_already_busy_is_refused_before_anything_is_sent(
+    tmp_path: Path, refserver: Callable[..., RefServer]
+) -> None:
+    srv = refserver("--ttft-ms", "5", "--itl-ms", "5")
+    body = json.dumps({"model": "refserver", "prompt": [1, 2], "max_tokens": 3000, "stream": True})
+    other = urllib.request.Request(
+        f"{srv.url}/v1/completions", body.encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(other, timeout=60) as busy:  # another user's long stream
+        busy.read(1)
+        out = _bench(
+            "target=openai", f"target.base_url={srv.url}", f"results_dir={tmp_path / 'results'}",
+            "scenario.num_requests=2", "scenario.repeats=1",
+        )  # fmt: skip
+        seen = srv.truth_log.read_text().count("\n") if srv.truth_log.exists() else 0
+    assert out.returncode == 2, out.stderr
+    assert "already serving 1 requests" in out.stderr and "allow_busy_server" in out.stderr
+    assert seen == 0  # the harness sent nothing: not even a warm-up request finished
+    assert not (tmp_path / "results").exists()
+    allowed = _bench(
+        "target=openai", f"target.base_url={srv.url}", f"results_dir={tmp_path / 'results'}",
+        "scenario.num_requests=2", "scenario.repeats=1", "scenario.output_tokens=4",
+        "client.allow_busy_server=true",
+    )  # fmt: skip
+    assert allowed.returncode == 0, allowed.stderr

@@ -63,8 +63,8 @@ refserver: $(INSTALLED)  ## Serve the reference token schedule on 127.0.0.1:8000
 calibrate: $(INSTALLED)  ## Measure the harness's own timing error against the reference server
 	$(BIN)/python -m bench.calibrate
 
-client-capacity: $(INSTALLED)  ## How many streams one client core sustains before its lag exceeds 1 ms
-	$(BIN)/python benchmarks/client_capacity.py
+client-capacity: $(INSTALLED)  ## How many streams one and two client workers sustain before their lag exceeds 1 ms
+	$(BIN)/python benchmarks/client_capacity.py --workers 1 2 --users 32 64 96 112 128 160
 
 clean:  ## Remove the virtual environment and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

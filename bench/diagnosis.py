@@ -528,8 +528,8 @@ def _client_bound(lv: _LevelData) -> _Fired | None:
         ),
         knobs=[
             "the harness's machine: run it on a less loaded machine, or not beside the server",
-            "scenario.concurrency / scenario.request_rate: fewer concurrent users per harness "
-            "process (split the load over several)",
+            "client.workers: split the load over more client processes (auto picks enough), or "
+            "client.backend=ray for workers on other machines (docs/scale.md)",
         ],
     )
 

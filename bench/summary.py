@@ -88,7 +88,7 @@ def table(runs: Sequence[RunRecord], requests: Sequence[RequestRecord]) -> Table
             t.caption += (
                 "\nclient-bound: the harness's own event-loop lag p99 exceeded "
                 f"client.lag_threshold_ms ({', '.join(client_bound)} repeats); those latencies "
-                "include client delay"
+                "include client delay: more client.workers split the load"
             )
     return t
 

@@ -15,6 +15,7 @@ is measured and applied to every time it reports (`Clock`).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -383,6 +384,9 @@ class LocalWorkers:
             self.procs.append(proc)
         self.clocks = [SAME_CLOCK] * n
         self.busy: set[int] = set()
+        # A thread per worker waits on its pipe. The default executor has fewer threads than
+        # workers on a small machine, and a worker no thread reads would block on a full pipe.
+        self.readers = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="worker-pipe")
         for w, conn in enumerate(self.conns):
             message = self._recv(w, conn, timeout_s=120.0)
             if message is None or message[0] != "ready":
@@ -414,8 +418,7 @@ class LocalWorkers:
             conn.send(job)
             self.busy.add(w)
             while True:
-                # A thread per worker waits on its pipe; the loop only sees whole messages.
-                message = await loop.run_in_executor(None, self._recv, w, conn, 3600.0)
+                message = await loop.run_in_executor(self.readers, self._recv, w, conn, 3600.0)
                 if message is None:
                     ends[w].lost = self._lost(w)
                     return
@@ -446,6 +449,7 @@ class LocalWorkers:
                 proc.join()
         for conn in self.conns:
             conn.close()
+        self.readers.shutdown(wait=False)
 
 
 @contextlib.asynccontextmanager
@@ -462,13 +466,15 @@ async def started(
         workers = RayWorkers(setup, n, cl.ray_address)
     elif n == 1:
         workers = InProcess(setup, tokenizer)
-        if cl.pin_workers:  # the one worker is this process
-            os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
     else:
         workers = LocalWorkers(setup, n, cl.pin_workers)
     if cl.workers is None:
         log.info("client.workers=auto: %d worker%s", n, "" if n == 1 else "s")
+    cpus = os.sched_getaffinity(0)
+    if cl.pin_workers and isinstance(workers, InProcess):  # the one worker is this process
+        os.sched_setaffinity(0, {max(cpus)})
     try:
         yield workers
     finally:
+        os.sched_setaffinity(0, cpus)
         await workers.close()

@@ -14,11 +14,13 @@ from bench.compose import compose, compose_sweep
 from bench.config import ConfigError, from_hydra
 from bench.runner import WarmupError, run
 from bench.stop_signals import Interrupted
+from bench.store import ResultsDirError
 from bench.summary import print_summary
 from bench.targets import TargetError
 
 # Exit codes: 0 complete; 1 partial (the server died or the run was interrupted; what finished
-# is on disk); 2 nothing was measured (bad config, unreachable server, all warm-up failed).
+# is on disk); 2 nothing was measured (bad config, unreachable server, all warm-up failed, a
+# results directory that cannot take the files).
 EXIT_PARTIAL, EXIT_UNUSABLE = 1, 2
 
 
@@ -27,7 +29,7 @@ def main(cfg: DictConfig) -> None:
     try:
         bench_cfg = from_hydra(cfg)
         result = run(bench_cfg)
-    except (ConfigError, TargetError, WarmupError, Interrupted) as exc:
+    except (ConfigError, TargetError, WarmupError, Interrupted, ResultsDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_UNUSABLE)
     print_summary(result.runs, result.requests)

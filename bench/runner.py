@@ -33,7 +33,7 @@ from bench.load import LevelOutcome
 from bench.progress import LiveProgress
 from bench.records import SCHEMA_VERSION, RequestRecord, RunRecord, TelemetryRecord
 from bench.stop_signals import Interrupted, StopSignals
-from bench.store import RunStore
+from bench.store import RunStore, check_results_dir
 from bench.targets import Server, TargetError, refusal_hint, serve
 from bench.telemetry import RUNNING, WAITING, Sample, Sampler, scrape_server
 
@@ -466,6 +466,10 @@ def run(cfg: BenchConfig) -> RunResult:
         if cfg.scenario.search
         else len(levels) * cfg.scenario.repeats * cfg.scenario.num_requests
     )
+    biggest = max((lv.output_tokens for lv in levels), default=0)
+    # A capacity search's size is not known ahead: its largest probe's rounds, as a guess.
+    planned = total or int(cfg.capacity.max_load) * cfg.capacity.requests_per_user * 4
+    check_results_dir(cfg.results_dir, planned, biggest)
     with StopSignals() as signals:
         try:
             return _run(cfg, signals, total)

@@ -1,8 +1,10 @@
 """Parquet files of one run under DIR/<run_id>/: requests, runs and telemetry.
 
-The store rewrites each file whole after every load level, through a temporary file and an
-atomic rename: at any moment every file on disk is complete and readable, so a crash of the
-server (or of the harness between levels) loses nothing that had finished.
+The store rewrites each file whole after every load level, through a temporary file that is
+flushed to disk before an atomic rename: at any moment every file on disk is complete and
+readable, so a crash of the server, of the harness or of the machine loses nothing that had
+finished, and a half-written file is only ever a `*.parquet.tmp` that nothing reads.
+`check_results_dir` finds an unwritable or full results directory before a run sends anything.
 
 Reading back: `find_run_dirs` finds the run directories under the paths a user gives, `load`
 reads one run and `load_all` several as one build.
@@ -11,6 +13,7 @@ reads one run and `load_all` several as one build.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,10 +67,54 @@ _MISSING_COLUMNS: dict[int, dict[str, tuple[str, ...]]] = {
 }
 
 
+class ResultsDirError(RuntimeError):
+    """The results directory cannot take the run's files."""
+
+
+# A request's row: its fixed columns, then 3 lists of 8-byte values per output token (ITL,
+# event times, tokens per event), before compression; the file is rewritten beside its old self.
+_ROW_BYTES, _TOKEN_BYTES, _MIN_FREE = 1024, 24, 64 * 2**20
+
+
+def check_results_dir(results_dir: str | Path, requests: int, output_tokens: int) -> None:
+    """Raise ResultsDirError if `results_dir` cannot be written, or has less free space than
+    `requests` rows of `output_tokens` need (twice: a file is rewritten beside its old self),
+    and at least 64 MiB. Creates the directory, as the run would."""
+    path = Path(results_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-check-{os.getpid()}"
+        with probe.open("wb") as f:
+            f.write(b"\0" * 4096)
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as exc:
+        raise ResultsDirError(
+            f"results_dir {path} cannot be written ({exc.strerror or exc}): nothing was sent; "
+            "pick another with results_dir=DIR"
+        ) from None
+    needed = max(_MIN_FREE, 2 * requests * (_ROW_BYTES + _TOKEN_BYTES * output_tokens))
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise ResultsDirError(
+            f"results_dir {path} has {free / 2**20:,.0f} MiB free; this run needs about "
+            f"{needed / 2**20:,.0f} MiB for its files: nothing was sent; free some space or "
+            "pick another with results_dir=DIR"
+        )
+
+
 def _write_atomic(table: pa.Table, path: Path) -> None:
     tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table.replace_schema_metadata(_METADATA), tmp)
+    with tmp.open("wb") as f:
+        pq.write_table(table.replace_schema_metadata(_METADATA), f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it the file
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # and the rename itself
+    finally:
+        os.close(directory)
 
 
 class RunStore:

@@ -88,3 +88,12 @@ def test_the_engine_refuses_an_unknown_model_in_one_line_before_serving() -> Non
     assert out.stderr.startswith("error: --model 'llama-9000' is neither `tiny`, a named ")
     assert "small" in out.stderr and "--load-format dummy" in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+def test_an_unwritable_results_dir_exits_2_before_the_server_starts(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = _run("-m", "bench", "target=refserver", f"results_dir={blocker}/runs")
+    assert out.returncode == EXIT_UNUSABLE
+    assert f"error: results_dir {blocker}/runs cannot be written" in out.stderr
+    assert "machine speed" not in out.stderr  # nothing ran: not even the speed probe

@@ -74,3 +74,49 @@ def test_runs_of_schema_4_load_with_null_reasoning_and_group_columns(tmp_path: P
     assert data.requests[added["requests"]].isna().all().all()
     assert data.runs[added["runs"]].isna().all().all()
     assert data.requests["ttft_ms"].tolist() == [10.0]
+
+
+def test_a_crash_while_writing_leaves_the_last_complete_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = store.RunStore(tmp_path, "run-1")
+    s.requests.append(request_record(index=0))
+    s.flush()
+    real_write = pq.write_table
+
+    def dies_halfway(table: pa.Table, where: object, **kwargs: object) -> None:
+        real_write(table, where, **kwargs)  # type: ignore[arg-type]
+        assert hasattr(where, "truncate")
+        where.truncate(100)  # type: ignore[attr-defined]  # what a killed process leaves
+        raise KeyboardInterrupt
+
+    s.requests.append(request_record(index=1))
+    monkeypatch.setattr(pq, "write_table", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        s.flush()
+    monkeypatch.undo()
+    # The half-written file is a temporary nothing reads; the file is the last complete one.
+    assert (tmp_path / "run-1" / "requests.parquet.tmp").stat().st_size == 100
+    assert store.load(tmp_path / "run-1").requests["index"].tolist() == [0]
+    assert store.find_run_dirs([tmp_path]) == [tmp_path / "run-1"]
+    s.flush()  # the next flush replaces both
+    assert store.load(tmp_path / "run-1").requests["index"].tolist() == [0, 1]
+
+
+def test_an_unwritable_results_dir_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(store.ResultsDirError, match="cannot be written"):
+        store.check_results_dir(blocker / "runs", requests=10, output_tokens=128)
+    store.check_results_dir(tmp_path / "runs", requests=10, output_tokens=128)
+    assert (tmp_path / "runs").is_dir() and not any((tmp_path / "runs").iterdir())
+
+
+def test_a_results_dir_without_room_for_the_run_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    usage = store.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda _: usage._replace(free=100 * 2**20))
+    store.check_results_dir(tmp_path, requests=1_000, output_tokens=128)  # about 8 MiB
+    with pytest.raises(store.ResultsDirError, match="100 MiB free; this run needs about 9,766 MiB"):
+        store.check_results_dir(tmp_path, requests=200_000, output_tokens=1024)

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import hydra
 from hydra._internal.utils import get_args_parser
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from bench import baseline
 from bench.compose import compose, compose_sweep
 from bench.config import ConfigError, from_hydra
+from bench.resume import recorded_config
 from bench.runner import WarmupError, run
 from bench.stop_signals import Interrupted
 from bench.store import ResultsDirError
@@ -27,6 +29,8 @@ EXIT_PARTIAL, EXIT_UNUSABLE = 1, 2
 @hydra.main(version_base="1.3", config_path="../scenarios", config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
+        if cfg.resume is not None:  # the run's own configuration, not the defaults
+            cfg = recorded_config(Path(cfg.resume), HydraConfig.get().overrides.task)
         bench_cfg = from_hydra(cfg)
         result = run(bench_cfg)
     except (ConfigError, TargetError, WarmupError, Interrupted, ResultsDirError) as exc:

@@ -247,6 +247,7 @@ class BenchConfig:
     telemetry_interval_s: float
     scrape_server_metrics: bool
     server_metrics_interval_s: float
+    resume: str | None  # a run directory to go on with (bench/resume.py)
     resolved_yaml: str  # the whole resolved config, recorded with every run
 
 
@@ -598,6 +599,7 @@ def from_hydra(cfg: DictConfig) -> BenchConfig:
         server_metrics_interval_s=_float(
             "telemetry.server_metrics_interval_s", raw["telemetry"]["server_metrics_interval_s"]
         ),
+        resume=_str("resume", raw["resume"], optional=True),
         resolved_yaml=_recordable_yaml(raw),
     )
 
@@ -636,7 +638,9 @@ def _slo(c: Mapping[str, Any]) -> SloConfig:
 
 
 def _recordable_yaml(raw: dict[str, Any]) -> str:
-    """The resolved config as recorded with results: secrets masked, since runs get shared."""
+    """The resolved config as recorded with results: secrets masked, since runs get shared;
+    without `resume`, which says where the rows go, not what they measure."""
+    raw = {k: v for k, v in raw.items() if k != "resume"}
     if raw["target"].get("api_key"):
         raw = {**raw, "target": {**raw["target"], "api_key": "***"}}
     return OmegaConf.to_yaml(OmegaConf.create(raw))

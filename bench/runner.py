@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import capacity, client, environment, metrics, probe, workers, workload
-from bench.config import BenchConfig, LoadLevel, WorkloadConfig
+from bench import capacity, client, environment, metrics, probe, resume, workers, workload
+from bench.config import BenchConfig, ConfigError, LoadLevel, WorkloadConfig
 from bench.load import LevelOutcome
 from bench.progress import LiveProgress
 from bench.records import SCHEMA_VERSION, RequestRecord, RunRecord, TelemetryRecord
@@ -152,9 +152,14 @@ class _Run:
     """The state shared by the levels of one run."""
 
     def __init__(
-        self, cfg: BenchConfig, server: Server, sampler: Sampler, before: probe.Probe
+        self,
+        cfg: BenchConfig,
+        server: Server,
+        sampler: Sampler,
+        before: probe.Probe,
+        resumed: resume.Resumed | None,
     ) -> None:
-        self.cfg, self.server, self.sampler = cfg, server, sampler
+        self.cfg, self.server, self.sampler, self.resumed = cfg, server, sampler, resumed
         self.probe_before = before
         self.tokenizer = workload.load_tokenizer(cfg.target.tokenizer)
         text = cfg.workload.prompt_format == "text" or (
@@ -166,11 +171,16 @@ class _Run:
             workload.level_batch, cfg.scenario, ids, cfg.seed, text, self.tokenizer
         )
         self.workload_hash = _workload_hash(cfg, self.workload.digest)
-        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        self.run_id = f"{stamp}-{cfg.scenario.name}-{uuid.uuid4().hex[:6]}"
-        self.store = RunStore(cfg.results_dir, self.run_id)
         self.env = environment.fingerprint(REPO_DIR)
-        self.origin_s = time.perf_counter()
+        if resumed is None:
+            stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+            self.run_id = f"{stamp}-{cfg.scenario.name}-{uuid.uuid4().hex[:6]}"
+            self.store = RunStore(cfg.results_dir, self.run_id)
+            self.origin_s = time.perf_counter()
+        else:  # the same directory and run id; times go on after the kept rows'
+            self.run_id = resumed.run_id
+            self.store = RunStore(resumed.run_dir.parent, self.run_id, resumed.kept)
+            self.origin_s = time.perf_counter() - resumed.after_s
         self.target = dataclasses.replace(cfg.target, base_url=server.base_url, model=server.model)
         self.search: capacity.Search | None = None  # a capacity search, once it has begun
 
@@ -294,7 +304,7 @@ class _Run:
             model=self.server.model,
             endpoint=cfg.target.endpoint,
             workload_hash=self.workload_hash,
-            config_hash=hashlib.sha256(cfg.resolved_yaml.encode()).hexdigest()[:16],
+            config_hash=resume.config_hash(cfg),
             config_yaml=cfg.resolved_yaml,
             git_commit=self.env.git_commit,
             git_dirty=self.env.git_dirty,
@@ -426,8 +436,11 @@ async def _measure(run: _Run, progress: LiveProgress) -> str | None:
         await _warmup(run, pool)
         if sc.search:
             return await _search(run, pool, progress)
+        done = run.resumed.done if run.resumed else frozenset()
         for repeat in range(sc.repeats):
             for level in sc.levels():
+                if (repeat, level.index) in done:
+                    continue
                 progress.start_level(
                     f"rep {repeat + 1}/{sc.repeats}  {level.label}", sc.num_requests
                 )
@@ -460,34 +473,41 @@ async def _search(run: _Run, pool: workers.Workers, progress: LiveProgress) -> s
 def run(cfg: BenchConfig) -> RunResult:
     """Run the configured scenario against the configured target; see the module docstring."""
     levels = cfg.scenario.levels()
+    resumed = resume.load(cfg) if cfg.resume else None
+    pairs = len(levels) * cfg.scenario.repeats - (len(resumed.done) if resumed else 0)
+    if resumed and not pairs:
+        raise ConfigError(f"resume={cfg.resume}: every level of that run is complete")
     # A capacity search decides as it goes how much it sends.
-    total = (
-        None
-        if cfg.scenario.search
-        else len(levels) * cfg.scenario.repeats * cfg.scenario.num_requests
-    )
+    total = None if cfg.scenario.search else pairs * cfg.scenario.num_requests
     biggest = max((lv.output_tokens for lv in levels), default=0)
     # A capacity search's size is not known ahead: its largest probe's rounds, as a guess.
     planned = total or int(cfg.capacity.max_load) * cfg.capacity.requests_per_user * 4
     check_results_dir(cfg.results_dir, planned, biggest)
     with StopSignals() as signals:
         try:
-            return _run(cfg, signals, total)
+            return _run(cfg, signals, total, resumed)
         except Interrupted as exc:  # exit code 2, as for any run that measured nothing
             raise Interrupted(f"{exc} before any request was measured") from None
 
 
-def _run(cfg: BenchConfig, signals: StopSignals, total: int | None) -> RunResult:
+def _run(
+    cfg: BenchConfig, signals: StopSignals, total: int | None, resumed: resume.Resumed | None
+) -> RunResult:
     before = probe.measure()  # before the server exists: nothing else of the run competes
     with serve(cfg.target) as server:
         pids = [server.process.pid] if server.process else []
         metrics_url = f"{server.base_url}/metrics" if cfg.scrape_server_metrics else None
         scrape_s = cfg.server_metrics_interval_s
         with Sampler(cfg.telemetry_interval_s, pids, metrics_url, scrape_s) as sampler:
-            state = _Run(cfg, server, sampler, before)
+            state = _Run(cfg, server, sampler, before, resumed)
             try:
                 with LiveProgress(total, cfg.progress) as progress:
                     progress.log(f"run {state.run_id}: writing to {state.store.dir}")
+                    if resumed:
+                        progress.log(
+                            f"resumed: {len(resumed.done)} level repeats already complete, "
+                            f"{total // cfg.scenario.num_requests if total else 0} to run"
+                        )
                     progress.log(f"machine speed: {before.summary()}")
                     reason = asyncio.run(signals.measure(_measure(state, progress)))
             except Interrupted as exc:  # the signal came before the event loop ran `measure`

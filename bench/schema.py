@@ -144,6 +144,7 @@ class TelemetrySchema:
 @dataclass
 class BenchSchema:
     results_dir: str
+    resume: str | None
     baseline: BaselineSchema
     seed: int
     progress: bool

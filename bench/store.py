@@ -118,17 +118,28 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
 
 
 class RunStore:
-    def __init__(self, results_dir: str | Path, run_id: str) -> None:
+    """The run's rows: this session's, after any `kept` from an earlier one (a resumed run)."""
+
+    def __init__(
+        self, results_dir: str | Path, run_id: str, kept: dict[str, pa.Table] | None = None
+    ) -> None:
         self.dir = Path(results_dir) / run_id
+        self.kept = kept or {}
         self.requests: list[RequestRecord] = []
         self.runs: list[RunRecord] = []
         self.telemetry: list[TelemetryRecord] = []
 
     def flush(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(to_table(self.requests, REQUESTS_SCHEMA), self.dir / "requests.parquet")
-        _write_atomic(to_table(self.runs, RUNS_SCHEMA), self.dir / "runs.parquet")
-        _write_atomic(to_table(self.telemetry, TELEMETRY_SCHEMA), self.dir / "telemetry.parquet")
+        for name, rows, schema in (
+            ("requests", self.requests, REQUESTS_SCHEMA),
+            ("runs", self.runs, RUNS_SCHEMA),
+            ("telemetry", self.telemetry, TELEMETRY_SCHEMA),
+        ):
+            table = to_table(rows, schema)
+            if name in self.kept:
+                table = pa.concat_tables([self.kept[name], table])
+            _write_atomic(table, self.dir / f"{name}.parquet")
 
 
 @dataclass(frozen=True)

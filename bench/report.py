@@ -808,10 +808,35 @@ def _environment(runs: pd.DataFrame, run_ids: Sequence[str]) -> Bullets:
             f"model: {_distinct(runs, 'model')}",
             f"target: {_distinct(runs, 'target_kind')} ({_distinct(runs, 'endpoint')} endpoint)",
             f"machine: {_distinct(runs, 'hardware_key')}",
+            f"client: {_client(runs)}",
             f"software: {software or 'unknown'}",
             f"git commit: {commit}",
             f"started: {_time(str(runs['started_at'].min()))}",
         ]
+    )
+
+
+def _client(runs: pd.DataFrame) -> str:
+    """How many client workers sent the load and, with several, how each one kept up: its
+    worst loop lag p99 and send lag p99 over the levels, and how well its clock was known."""
+    counts = runs["workers"].dropna()
+    most = int(counts.max()) if len(counts) else 1
+    if most <= 1:
+        return "one process"
+
+    def worst(column: str) -> str:
+        per_worker = [0.0] * most
+        for values in runs[column].dropna():
+            for w, v in enumerate(values):
+                per_worker[w] = max(per_worker[w], float(v))
+        return " / ".join(f"{v:.2f}" for v in per_worker)
+
+    clock = max((max(v, default=0.0) for v in runs["worker_clock_uncertainty_ms"].dropna()),
+                default=0.0)  # fmt: skip
+    known = f"; clocks known to ±{clock:.2f} ms" if clock > 0 else ""
+    return (
+        f"{most} workers; per worker, loop lag p99 up to {worst('worker_loop_lag_ms_p99')} ms "
+        f"and send lag p99 up to {worst('worker_send_lag_ms_p99')} ms{known}"
     )
 
 

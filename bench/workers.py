@@ -204,6 +204,9 @@ class Workers(Protocol):
     clocks: list[Clock]
     start_ahead_s: float  # how far ahead a level starts, for every worker to have its part
 
+    def sync_clocks(self) -> None:
+        """Measure the workers' clock offsets again (clocks drift), before a level."""
+
     async def run(
         self, jobs: Sequence[Job], on_report: Callable[[int, Report], None]
     ) -> list[WorkerLevel]: ...
@@ -219,6 +222,9 @@ class InProcess:
     def __init__(self, setup: Setup, tokenizer: Tokenizer | None) -> None:
         self.runner = LevelRunner(setup, tokenizer)
         self.clocks = [SAME_CLOCK]
+
+    def sync_clocks(self) -> None:
+        pass  # the coordinator's own clock
 
     async def run(
         self, jobs: Sequence[Job], on_report: Callable[[int, Report], None]
@@ -261,6 +267,7 @@ async def run_level_on(
     arrives, on the coordinator's clock. The level starts for all workers at one instant, a
     little ahead, so each has its part in hand before its first send time."""
     n = len(workers.clocks)
+    workers.sync_clocks()
     started_s = time.perf_counter() + workers.start_ahead_s
     jobs = [
         dataclasses.replace(
@@ -382,7 +389,7 @@ class LocalWorkers:
             theirs.close()
             self.conns.append(ours)
             self.procs.append(proc)
-        self.clocks = [SAME_CLOCK] * n
+        self.clocks = [SAME_CLOCK] * n  # one host, one monotonic clock
         self.busy: set[int] = set()
         # A thread per worker waits on its pipe. The default executor has fewer threads than
         # workers on a small machine, and a worker no thread reads would block on a full pipe.
@@ -392,6 +399,9 @@ class LocalWorkers:
             if message is None or message[0] != "ready":
                 self._stop()
                 raise RuntimeError(f"client worker {w} did not start: {self._lost(w)}")
+
+    def sync_clocks(self) -> None:
+        pass
 
     def _lost(self, w: int) -> str:
         self.procs[w].join(timeout=1.0)

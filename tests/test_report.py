@@ -418,3 +418,19 @@ def test_cli_help_lists_the_keys(capsys: pytest.CaptureFixture[str]) -> None:
     assert report.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert all(key in out for key in ("run=PATH", "report=DIR", "slo.ttft_ms="))
+
+
+def test_the_environment_says_how_each_client_worker_kept_up() -> None:
+    rows = [
+        run_record(level=0, workers=2, worker_loop_lag_ms_p99=[0.2, 1.5],
+                   worker_send_lag_ms_p99=[0.1, 0.3], worker_clock_uncertainty_ms=[0.4, 0.3]),
+        run_record(level=1, workers=2, worker_loop_lag_ms_p99=[0.9, 0.1],
+                   worker_send_lag_ms_p99=[0.2, 0.1], worker_clock_uncertainty_ms=[0.4, 0.3]),
+    ]  # fmt: skip
+    runs = to_table(rows, RUNS_SCHEMA).to_pandas()
+    assert report._client(runs) == (
+        "2 workers; per worker, loop lag p99 up to 0.90 / 1.50 ms and send lag p99 up to "
+        "0.20 / 0.30 ms; clocks known to ±0.40 ms"
+    )
+    one = to_table([run_record()], RUNS_SCHEMA).to_pandas()
+    assert report._client(one) == "one process"

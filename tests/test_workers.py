@@ -134,6 +134,9 @@ class _LosesOne:
         self.clocks = [workers.SAME_CLOCK, workers.SAME_CLOCK]
         self.start_ahead_s = 0.0
 
+    def sync_clocks(self) -> None:
+        pass
+
     async def run(
         self, jobs: Sequence[workers.Job], on_report: Callable[[int, workers.Report], None]
     ) -> list[workers.WorkerLevel]:

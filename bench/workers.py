@@ -23,7 +23,6 @@ import logging
 import math
 import multiprocessing
 import os
-import signal
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from bench import client
 from bench.config import BenchConfig, LoadLevel, TargetConfig
 from bench.load import LagMonitor, LevelOutcome, Part, run_conversations, run_level
 from bench.workload import RequestSpec, Tokenizer, load_tokenizer
+from runtime.lifetime import bind_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -343,12 +343,13 @@ def _event_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
-def _process_main(conn: Connection, setup: Setup, cpu: int | None) -> None:
+def _process_main(conn: Connection, setup: Setup, cpu: int | None, parent: int) -> None:
     """A local worker process: runs each Job it receives and reports back, until None."""
+    # A terminal's Ctrl-C and hang-up reach every process of its group: the coordinator stops
+    # the run, and a worker ends with it, even one the coordinator's SIGKILL left mid-level.
+    bind_to_parent(parent)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
-    # Ctrl-C reaches every process of the terminal's group: the coordinator stops the run.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     loop = _event_loop()
     runner = LevelRunner(setup, load_tokenizer(setup.tokenizer))
 
@@ -382,7 +383,9 @@ class LocalWorkers:
             ours, theirs = ctx.Pipe()
             cpu = allowed[-n:][w] if pin and n <= len(allowed) else None
             proc = ctx.Process(
-                target=_process_main, args=(theirs, setup, cpu), name=f"bench-worker-{w}"
+                target=_process_main,
+                args=(theirs, setup, cpu, os.getpid()),
+                name=f"bench-worker-{w}",
             )
             proc.daemon = True  # never outlives the coordinator
             proc.start()

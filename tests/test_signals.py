@@ -134,15 +134,18 @@ def _server(procs: list[psutil.Process]) -> psutil.Process:
     return server
 
 
-def _check_children(bench: _Bench, tensor_parallel: int) -> list[psutil.Process]:
+def _check_children(bench: _Bench, tensor_parallel: int, workers: int) -> list[psutil.Process]:
     """The harness's descendants while it measures, having checked the ones that matter are
-    among them: the server, its spawned ranks and the sampler."""
+    among them: the server, its spawned ranks, the sampler and the client's worker processes."""
     procs = bench.descendants()
     server = _server(procs)
     spawned = [p for p in procs if any("spawn_main" in arg for arg in p.cmdline())]
     ranks = [p for p in spawned if p.ppid() == server.pid]
-    samplers = [p for p in spawned if p.ppid() == bench.proc.pid]
-    assert len(ranks) == tensor_parallel - 1 and len(samplers) == 1, [p.cmdline() for p in procs]
+    helpers = [p for p in spawned if p.ppid() == bench.proc.pid]  # the sampler, the workers
+    expected = 1 + (workers if workers > 1 else 0)
+    assert len(ranks) == tensor_parallel - 1 and len(helpers) == expected, [
+        p.cmdline() for p in procs
+    ]
     return procs
 
 
@@ -167,16 +170,16 @@ def bench(tmp_path: Path) -> Iterator[Callable[..., _Bench]]:
 @LINUX
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "tensor_parallel"),
-    [("SIGTERM", 1), ("SIGHUP", 1), ("SIGINT", 1), ("SIGTERM", 2)],
-    ids=["SIGTERM", "SIGHUP", "SIGINT", "SIGTERM-tp2"],
+    ("name", "tensor_parallel", "workers"),
+    [("SIGTERM", 1, 1), ("SIGHUP", 1, 1), ("SIGINT", 1, 1), ("SIGTERM", 2, 1), ("SIGINT", 1, 2)],
+    ids=["SIGTERM", "SIGHUP", "SIGINT", "SIGTERM-tp2", "SIGINT-workers2"],
 )
 def test_a_stop_signal_mid_run_keeps_what_finished_and_leaves_no_process(
-    bench: Callable[..., _Bench], name: str, tensor_parallel: int
+    bench: Callable[..., _Bench], name: str, tensor_parallel: int, workers: int
 ) -> None:
-    run = bench(f"runtime.tensor_parallel_size={tensor_parallel}")
+    run = bench(f"runtime.tensor_parallel_size={tensor_parallel}", f"client.workers={workers}")
     run.wait_until_measured()
-    procs = _check_children(run, tensor_parallel)
+    procs = _check_children(run, tensor_parallel, workers)
     sig = getattr(signal, name)
     if name == "SIGTERM":  # kill -TERM PID
         run.proc.send_signal(sig)
@@ -198,13 +201,15 @@ def test_a_stop_signal_mid_run_keeps_what_finished_and_leaves_no_process(
 
 @LINUX
 @pytest.mark.slow
-@pytest.mark.parametrize("tensor_parallel", [1, 2], ids=["tp1", "tp2"])
+@pytest.mark.parametrize(
+    ("tensor_parallel", "workers"), [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "workers2"]
+)
 def test_a_killed_harness_leaves_no_process(
-    bench: Callable[..., _Bench], tensor_parallel: int
+    bench: Callable[..., _Bench], tensor_parallel: int, workers: int
 ) -> None:
-    run = bench(f"runtime.tensor_parallel_size={tensor_parallel}")
+    run = bench(f"runtime.tensor_parallel_size={tensor_parallel}", f"client.workers={workers}")
     run.wait_until_measured()
-    procs = _check_children(run, tensor_parallel)
+    procs = _check_children(run, tensor_parallel, workers)
     run.proc.kill()
     assert _alive(procs, STOP_WITHIN_S) == []
 

@@ -196,7 +196,7 @@ def test_a_server_already_busy_is_refused_before_anything_is_sent(
     assert out.returncode == 2, out.stderr
     assert "already serving 1 requests" in out.stderr and "allow_busy_server" in out.stderr
     assert seen == 0  # the harness sent nothing: not even a warm-up request finished
-    assert not (tmp_path / "results").exists()
+    assert not any((tmp_path / "results").iterdir())  # no run directory
     allowed = _bench(
         "target=openai", f"target.base_url={srv.url}", f"results_dir={tmp_path / 'results'}",
         "scenario.num_requests=2", "scenario.repeats=1", "scenario.output_tokens=4",

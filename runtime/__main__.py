@@ -2,6 +2,15 @@
 
 The flags are vLLM's (`vllm serve`), so a command written for vLLM carries over; the defaults
 are vLLM's too except where a CPU needs smaller ones (see EngineConfig).
+
+Serving defaults of this server's own (runtime/server.py says more):
+
+- --max-waiting defaults to max(256, 4 x --max-num-seqs) requests waiting for a batch slot;
+  more get 429 with Retry-After. 0 means unbounded.
+- --api-key, else the VLLM_API_KEY environment variable, guards /v1/*; /health, /metrics and
+  /openapi.json stay open. Binding a non-loopback address without a key logs a warning.
+- On SIGTERM or SIGINT the server drains: new requests get 503, those in flight get up to
+  --drain-timeout-s (30) to finish, then the rest are ended and it exits 0.
 """
 
 from __future__ import annotations
@@ -9,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +50,7 @@ environment:
                                  the C kernel for float32 on the CPU; the log says which)
   RUNTIME_KERNEL_CACHE=DIR       where the C kernels for the CPU are built
                                  (~/.cache/llm-serving-bench/kernels)
+  VLLM_API_KEY=KEY               the API key when --api-key is not given
 """
 
 
@@ -81,10 +92,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="the model id clients send (default: --model)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=8000, help="port to bind (0: any free one)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
-    p.add_argument("--max-waiting", type=int, default=0,
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $VLLM_API_KEY, "
+                   "else none); /health, /metrics and /openapi.json stay open, as vLLM's; "
+                   "without a key, binding a non-loopback --host logs a warning")  # fmt: skip
+    p.add_argument("--max-waiting", type=int, default=None,
                    help="requests allowed to wait for a batch slot before new ones get 429 "
-                   "(0: unbounded)")  # fmt: skip
+                   "with Retry-After (default: max(256, 4 x --max-num-seqs); 0: "
+                   "unbounded)")  # fmt: skip
+    p.add_argument("--drain-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM or SIGINT, seconds that requests in flight get to finish "
+                   "while new ones get 503; those still running then are ended")  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
                    help="most requests in one batch")  # fmt: skip
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
@@ -136,6 +154,20 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def max_waiting(args: argparse.Namespace) -> int:
+    """--max-waiting, else the server's default for --max-num-seqs."""
+    from runtime.server import default_max_waiting
+
+    if args.max_waiting is not None:
+        return int(args.max_waiting)
+    return default_max_waiting(args.max_num_seqs)
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else the VLLM_API_KEY environment variable (vLLM's), else none."""
+    return args.api_key or os.environ.get("VLLM_API_KEY") or None
+
+
 def load(cfg: EngineConfig, tokenizer: str | None = None) -> tuple[Engine, PreTrainedTokenizerBase]:
     """The engine and its tokenizer (heavy imports here, after the socket is up)."""
     from transformers import AutoTokenizer
@@ -170,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = _engine_config(args)  # bad values fail here, before the port is taken
         check_model(cfg.model, cfg.load_format)
+        if args.max_waiting is not None and args.max_waiting < 0:
+            raise ValueError(f"--max-waiting: expected an integer >= 0, got {args.max_waiting}")
+        if not args.drain_timeout_s >= 0:
+            raise ValueError(
+                f"--drain-timeout-s: expected seconds >= 0, got {args.drain_timeout_s}"
+            )
         rank = torchrun_rank(cfg.tensor_parallel_size) if cfg.tensor_parallel_size > 1 else None
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -179,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_worker(cfg, rank, cfg.tensor_parallel_size, "env://")
         return 0
-    from runtime.server import ModelLoadError, serve
+    from runtime.server import EngineFailedError, ModelLoadError, serve
 
     try:
         asyncio.run(
@@ -188,11 +226,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.served_model_name or args.model,
                 args.host,
                 args.port,
-                args.max_waiting,
-                args.api_key,
+                max_waiting(args),
+                api_key(args),
+                args.drain_timeout_s,
             )
         )
-    except ModelLoadError as exc:
+    except (ModelLoadError, EngineFailedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. the port is taken

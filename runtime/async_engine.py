@@ -14,7 +14,9 @@ Threads and ownership:
   after the drain always finds it set: no lost wake-up, no busy loop.
 
 Failure: if the engine thread raises, every in-flight request gets `EngineDeadError`, later
-ones are refused at once and `healthy` turns false; nothing waits forever.
+ones are refused at once and `healthy` turns false; nothing waits forever. `wait_failed` tells a
+server that should exit rather than answer errors until someone restarts it (a dead
+tensor-parallel rank never comes back).
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ class AsyncEngine:
         self._requests: set[_Request] = set()  # in flight, loop side
         self._by_seq: dict[int, _Request] = {}  # in the core, engine-thread side
         self._error: EngineDeadError | None = None
+        self._failed = asyncio.Event()  # the engine thread raised (not set by `stop`)
         self._stats = EngineStats(0, 0, 0.0, 0, 0, 0)  # replaced (never mutated) by the thread
 
     def start(self) -> None:
@@ -146,6 +149,13 @@ class AsyncEngine:
         await asyncio.to_thread(self._thread.join)
         await asyncio.to_thread(self.core.close)  # after the join: the thread owns the core
         self._fail(EngineDeadError("the engine was stopped"))
+
+    async def wait_failed(self) -> EngineDeadError:
+        """Return once the engine thread has failed, with the error every request got; a
+        `stop` is no failure and never returns it."""
+        await self._failed.wait()
+        assert self._error is not None
+        return self._error
 
     @property
     def healthy(self) -> bool:
@@ -213,6 +223,11 @@ class AsyncEngine:
         for request in self._requests:
             request.outputs.put_nowait(error)
 
+    def _died(self, error: EngineDeadError) -> None:
+        """Loop side: the engine thread failed with `error`."""
+        self._fail(error)
+        self._failed.set()
+
     @staticmethod
     def _deliver(delivery: _Delivery) -> None:
         for request, item in delivery:
@@ -240,7 +255,7 @@ class AsyncEngine:
             log.exception("the engine thread failed; every in-flight request gets an error")
             error = EngineDeadError(f"the engine failed: {exc!r}")
             error.__cause__ = exc
-            self._loop.call_soon_threadsafe(self._fail, error)
+            self._loop.call_soon_threadsafe(self._died, error)
 
     def _drain_commands(self, delivery: _Delivery) -> None:
         # One queue for both kinds keeps a request's abort behind its add.

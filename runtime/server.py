@@ -3,7 +3,8 @@
 Endpoints: POST /v1/completions and /v1/chat/completions (streaming or not); GET /v1/models
 (its card also carries `max_model_len`, `vocab_size`, the engine's `load_breakdown` and its
 `kernels`); GET /health (200 once the model is loaded and the engine healthy, else 503);
-GET /metrics (Prometheus text, vLLM's metric names, labelled `model_name`).
+GET /metrics (Prometheus text, vLLM's metric names, labelled `model_name`); GET /openapi.json
+(the OpenAPI 3 document of all of these).
 
 Server-side timings, where the harness finds them: the final `usage` object of a response
 carries an extra field `timings` = {"queue_ms", "prefill_ms", "decode_ms", "e2e_ms"} (the
@@ -26,6 +27,41 @@ A streamed response's headers go out with its first token: errors found before i
 a prompt the engine refuses) are proper HTTP statuses; an engine failure after it is an SSE
 `{"error": ...}` event. The model loads in a daemon thread after the socket is up: /health
 answers 503 meanwhile, and the harness measures load time as spawn -> first 200.
+
+Errors. Every 4xx and 5xx that this server answers, unknown routes and methods included, has
+OpenAI's body {"error": {"message", "type", "param", "code"}}; GET /openapi.json describes
+every route, its request body and its errors (runtime/openapi.py).
+
+Limits, each checked before the work it protects:
+
+- Admission: at most `max_waiting` requests wait for a batch slot beyond those running; more
+  get 429 (`rate_limit_exceeded`) with `Retry-After: 1`. The CLI's default is
+  max(256, 4 x --max-num-seqs) (`default_max_waiting`); 0 means unbounded.
+- Body size: a request body may hold the longest prompt the model takes and little more:
+  max(1 MiB, max_model_len x (8 + MAX_CHARS_PER_TOKEN) bytes + 64 KiB) (`max_body_bytes`: a
+  token id is at most 8 bytes of JSON); a larger one gets 413 (`request_too_large`) before it
+  is read.
+- Prompt length: a text prompt (a completion's `prompt`, or chat messages' roles and contents
+  together) longer than max_model_len x MAX_CHARS_PER_TOKEN characters (32, or the
+  tokenizer's longest token if longer: no token covers more characters) cannot fit, and gets
+  400 (`context_length_exceeded`) without being tokenised; so does a prompt of token ids, or
+  one tokenised, that leaves no room for output.
+
+/metrics adds to vLLM's names one counter of this server's own:
+`runtime:requests_rejected_total{model_name, reason}`, requests refused for the server's state
+rather than their content: reason="queue_full" (429, past max_waiting) or "draining" (503,
+arrived after SIGTERM).
+
+Authentication: with an API key (`--api-key`, else the VLLM_API_KEY environment variable, as
+vLLM), every /v1/* route requires `Authorization: Bearer <key>` (401 otherwise, compared in
+constant time); /health, /metrics and /openapi.json stay open, as vLLM's do, for probes and
+scrapers. Listening on anything but a loopback address without a key logs a warning
+(`exposure_warning`).
+
+Shutdown. On SIGTERM or SIGINT the server drains (`drain`): new requests get 503 and /health
+turns 503 while the socket stays open, requests in flight run to their end for up to
+`drain_timeout_s`, and those still running then are ended (a stream with an SSE error event,
+a non-streamed request with 503); then it exits. A second signal ends the drain at once.
 """
 
 from __future__ import annotations
@@ -34,6 +70,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -59,6 +96,7 @@ from prometheus_client.registry import Collector
 from tokenizers.decoders import DecodeStream
 
 from runtime.async_engine import AsyncEngine, EngineCore, EngineDeadError, QueueFull, RequestTimings
+from runtime.openapi import openapi_document
 from runtime.sequence import EngineStats, SamplingParams, TokenOutput
 
 if TYPE_CHECKING:  # transformers takes seconds to import; the socket must be up before that
@@ -70,8 +108,20 @@ T = TypeVar("T")
 EngineFactory = Callable[[], "tuple[EngineCore, PreTrainedTokenizerBase]"]
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-# A 1M-token prompt sent as token ids is about 8 MB of JSON; aiohttp's default cap is 1 MiB.
-CLIENT_MAX_SIZE = 64 * 1024 * 1024
+# An upper bound on the characters one token stands for, so that a text prompt that cannot fit
+# is refused without tokenising it (raised to the tokenizer's longest token, see _longest_token).
+MAX_CHARS_PER_TOKEN = 32
+TOKEN_ID_JSON_BYTES = 8  # "262143, ": an id under 1M as json.dumps writes it in a list
+MIN_BODY_BYTES = 1024 * 1024  # aiohttp's own default cap
+BODY_MARGIN_BYTES = 64 * 1024  # the other fields: sampling parameters, stop strings, roles
+# The CLI's default --max-waiting: enough to absorb a burst of several batches, few enough
+# that an overloaded server answers 429 at once rather than after minutes in a queue.
+MAX_WAITING_FLOOR, MAX_WAITING_PER_SEQ = 256, 4
+RETRY_AFTER_S = 1  # a slot frees within about one request's decode
+REJECT_REASONS = ("queue_full", "draining")  # runtime:requests_rejected_total's reason label
+# Temperatures below this sample greedily, as vLLM's: dividing logits by a subnormal overflows
+# them to inf, and the softmax of that is NaN, which the engine's sampler cannot draw from.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 # Prompt tokens decoded ahead of the output, so that tokenizers which drop a leading space at
 # the start of a decode (SentencePiece) still produce the output's first space (vLLM uses 5).
 DETOKENIZE_CONTEXT = 5
@@ -105,6 +155,11 @@ class ModelLoadError(RuntimeError):
     """The engine factory failed; the server cannot become healthy."""
 
 
+class EngineFailedError(RuntimeError):
+    """The engine failed while serving (a tensor-parallel rank died, say): it can never step
+    again, so the server exits rather than answer 500 until someone restarts it."""
+
+
 class ApiError(Exception):
     """An error answered with OpenAI's error body."""
 
@@ -115,20 +170,64 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.param, self.code, self.kind = status, param, code, kind
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         error = {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}
         return {"error": error}
 
     def response(self, headers: dict[str, str]) -> web.Response:
+        headers = {**headers, **self.headers}
         return web.json_response(self.body(), status=self.status, headers=headers)
 
 
 def _bad(param: str, message: str) -> ApiError:
     return ApiError(400, message, param)
+
+
+def _too_long(param: str, message: str) -> ApiError:
+    return ApiError(400, message, param, "context_length_exceeded")
+
+
+def _shutting_down() -> ApiError:
+    message = "The server is shutting down and takes no new requests; send it elsewhere."
+    return ApiError(503, message, code="server_shutting_down", kind="service_unavailable")
+
+
+def default_max_waiting(max_num_seqs: int) -> int:
+    """The CLI's --max-waiting when none is given: max(256, 4 x max_num_seqs)."""
+    return max(MAX_WAITING_FLOOR, MAX_WAITING_PER_SEQ * max_num_seqs)
+
+
+def max_body_bytes(max_model_len: int, chars_per_token: int = MAX_CHARS_PER_TOKEN) -> int:
+    """The largest request body taken: room for the longest prompt, as token ids or as text."""
+    per_token = TOKEN_ID_JSON_BYTES + chars_per_token
+    return max(MIN_BODY_BYTES, max_model_len * per_token + BODY_MARGIN_BYTES)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """What to warn of when listening on `host` with `api_key`, or None: without a key, any
+    address but a loopback one lets whoever reaches it use the model."""
+    if api_key or _is_loopback(host):
+        return None
+    where = host or "every interface"
+    return (
+        f"listening on {where} without an API key: anyone who can reach this address can use "
+        "the model. Pass --api-key (or set VLLM_API_KEY), or bind 127.0.0.1."
+    )
 
 
 # --- request parsing -------------------------------------------------------------------------
@@ -151,6 +250,8 @@ def _json_object(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except ValueError as exc:
         raise _bad("body", f"The request body is not valid JSON: {exc}.") from exc
+    except RecursionError as exc:  # json's decoder recurses once per level of nesting
+        raise _bad("body", "The request body is nested too deeply.") from exc
     if not isinstance(body, dict):
         raise _bad("body", f"The request body must be a JSON object, got {type(body).__name__}.")
     return body
@@ -201,7 +302,7 @@ def _sampling_params(
     room = max_model_len - prompt_len
     where = "messages" if chat else "prompt"
     if room < 1:
-        raise _bad(
+        raise _too_long(
             where,
             f"The prompt is {prompt_len} tokens long and this model's maximum context length "
             f"is {max_model_len} tokens, which leaves no room for output. Shorten the prompt.",
@@ -215,7 +316,7 @@ def _sampling_params(
     if max_tokens < 1:
         raise _bad(key, f"'{key}' must be at least 1, got {max_tokens}.")
     if max_tokens > room:
-        raise _bad(
+        raise _too_long(
             key,
             f"This model's maximum context length is {max_model_len} tokens, but the prompt is "
             f"{prompt_len} tokens and '{key}' asks for {max_tokens} more "
@@ -225,6 +326,8 @@ def _sampling_params(
     temperature = _float(body, "temperature", 1.0)
     if temperature < 0:
         raise _bad("temperature", f"'temperature' must be >= 0, got {temperature}.")
+    if temperature < GREEDY_BELOW_TEMPERATURE:
+        temperature = 0.0
     top_p = _float(body, "top_p", 1.0)
     if not 0 < top_p <= 1:
         raise _bad("top_p", f"'top_p' must be in (0, 1], got {top_p}.")
@@ -285,6 +388,37 @@ def _chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
             raise _bad("messages", f"messages[{i}].content must be a string or a list of parts.")
         out.append({"role": role, "content": content or ""})
     return out
+
+
+def _completion_prompt(prompt: object) -> str | list[int]:
+    """The one prompt of a completion request: text, or token ids."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    if _token_ids(prompt) and prompt:
+        assert isinstance(prompt, list)
+        return list(prompt)
+    raise _bad(
+        "prompt",
+        "'prompt' must be a non-empty string or list of token ids, or a list holding one of "
+        "them (one prompt per request).",
+    )
+
+
+def _check_unicode(text: str, param: str) -> None:
+    """Refuse text the tokenizer cannot take: JSON can spell a lone surrogate ("\\ud800"),
+    which has no UTF-8 form."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise _bad(param, f"The text is not valid Unicode: {exc}.") from exc
+
+
+def _longest_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Characters in the tokenizer's longest vocabulary entry: no token covers more characters
+    of text (a byte-level entry has one character per byte, at least one per character)."""
+    return max(map(len, tokenizer.get_vocab()), default=0)
 
 
 # --- output text -----------------------------------------------------------------------------
@@ -400,11 +534,22 @@ class _Metrics:
             "vllm:request_queue_time_seconds", "Arrival to first scheduled.",
             labels, registry=r, buckets=REQUEST_BUCKETS,
         ).labels(m)  # fmt: skip
+        self._rejected = Counter(
+            "runtime:requests_rejected",
+            "Requests refused for the server's state, not their content (queue_full: 429 past "
+            "max_waiting; draining: 503 after SIGTERM).",
+            [*labels, "reason"], registry=r,
+        )  # fmt: skip
+        for reason in REJECT_REASONS:  # at 0 from the start, so rates need no missing series
+            self._rejected.labels(m, reason)
         self._model_name = m
         r.register(_EngineCollector(m, stats))
 
     def finished(self, reason: str) -> None:
         self._success.labels(self._model_name, reason).inc()
+
+    def rejected(self, reason: str) -> None:
+        self._rejected.labels(self._model_name, reason).inc()
 
 
 # --- one response ----------------------------------------------------------------------------
@@ -519,6 +664,12 @@ class _Server:
         self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="tokenizer"
         )
+        self.chars_per_token = MAX_CHARS_PER_TOKEN  # raised at load if the tokenizer needs it
+        self.draining = False  # set on SIGTERM: new requests get 503
+        self._in_flight = 0  # completion requests being handled
+        self._idle = asyncio.Event()  # set while _in_flight is 0
+        self._idle.set()
+        self._engine_stopped = False
 
     def _stats(self) -> EngineStats | None:
         return None if self.engine is None else self.engine.stats()
@@ -528,24 +679,49 @@ class _Server:
         yield
         self.loading.cancel()  # stops the waiting only; a load in progress is abandoned
         await asyncio.wait([self.loading])
-        if self.engine is not None:
-            await self.engine.stop()
+        await self._stop_engine()
         self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _stop_engine(self) -> None:
+        """Stop the engine once; requests still running in it end with EngineDeadError."""
+        if self.engine is not None and not self._engine_stopped:
+            self._engine_stopped = True
+            await self.engine.stop()
+
+    async def drain(self, timeout_s: float, hurry: asyncio.Event | None = None) -> None:
+        """Refuse new requests (503), wait up to `timeout_s` (or until `hurry` is set) for
+        those in flight, then end the rest by stopping the engine."""
+        self.draining = True
+        if self._in_flight:
+            log.info("draining %d requests in flight, for up to %g s", self._in_flight, timeout_s)
+            waits = [asyncio.create_task(self._idle.wait())]
+            if hurry is not None:
+                waits.append(asyncio.create_task(hurry.wait()))
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            for task in waits:
+                task.cancel()
+        if self._in_flight:
+            log.warning("ending %d requests still in flight at the drain's end", self._in_flight)
+        await self._stop_engine()
 
     async def _load(self) -> None:
         start = time.perf_counter()
         try:
             core, tokenizer = await _in_daemon_thread(self.engine_factory)
+            longest = await _in_daemon_thread(lambda: _longest_token(tokenizer))
         except Exception as exc:
             log.exception("loading the model failed")
             self.load_error = exc
             return
+        self.chars_per_token = max(MAX_CHARS_PER_TOKEN, longest)
         engine = AsyncEngine(core, self.max_waiting)
         engine.start()
         self.engine, self.tokenizer = engine, tokenizer
         log.info("model %s loaded in %.2f s", self.model_name, time.perf_counter() - start)
 
     def _ready(self) -> tuple[AsyncEngine, PreTrainedTokenizerBase]:
+        if self.draining:
+            raise _shutting_down()
         if self.load_error is not None:
             message = f"Loading the model failed: {self.load_error!r}."
             raise ApiError(503, message, kind="service_unavailable")
@@ -556,6 +732,36 @@ class _Server:
             message = "The engine has failed; restart the server (see its log)."
             raise ApiError(500, message, kind="internal_server_error")
         return self.engine, self.tokenizer
+
+    def _engine_gone(self, exc: EngineDeadError) -> ApiError:
+        if self.draining:  # the drain's time ran out, or a second signal cut it short
+            message = "The server shut down before this request finished."
+            return ApiError(503, message, kind="service_unavailable")
+        return ApiError(500, str(exc), kind="internal_server_error")
+
+    @web.middleware
+    async def openai_errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """aiohttp's own errors (no such route, wrong method) and anything unforeseen, with
+        OpenAI's error body like every other error."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+            message = f"{request.method} {request.path}: {exc.reason}; see GET /openapi.json."
+            error = ApiError(exc.status, message, code=exc.reason.lower().replace(" ", "_"),
+                             kind=kind)  # fmt: skip
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+            return error.response(allow)
+        except ConnectionResetError:  # the client is gone: nobody to answer
+            raise
+        except Exception as exc:
+            log.exception("%s %s failed", request.method, request.path)
+            message = f"The server failed to handle the request: {exc!r}."
+            return ApiError(500, message, kind="internal_server_error").response({})
 
     @web.middleware
     async def authenticate(
@@ -570,6 +776,9 @@ class _Server:
                 )  # fmt: skip
                 return error.response({})
         return await handler(request)
+
+    async def get_openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(openapi_document(self.model_name, self.api_key is not None))
 
     async def get_health(self, request: web.Request) -> web.Response:
         try:
@@ -604,12 +813,56 @@ class _Server:
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
         arrival = time.perf_counter()
         headers = {"X-Request-Id": request.headers.get("X-Request-Id") or uuid.uuid4().hex}
+        if self.draining:
+            self.metrics.rejected("draining")
+            return _shutting_down().response(headers)
+        self._in_flight += 1
+        self._idle.clear()
         try:
             engine, tokenizer = self._ready()
-            job = await self._parse(await request.read(), chat, engine, tokenizer)
+            raw = await self._read_body(request, engine.max_model_len)
+            job = await self._parse(raw, chat, engine, tokenizer)
             return await self._generate(request, job, engine, tokenizer, arrival, headers)
         except ApiError as exc:
             return exc.response(headers)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _read_body(self, request: web.Request, max_model_len: int) -> bytes:
+        """The body, refused with 413 past `max_body_bytes`, before reading it if its length
+        is declared."""
+        limit = max_body_bytes(max_model_len, self.chars_per_token)
+
+        def too_large(size: str) -> ApiError:
+            message = (
+                f"The request body is {size}, over this server's limit of {limit} bytes, which "
+                f"holds the longest prompt its {max_model_len}-token context takes."
+            )
+            return ApiError(413, message, "body", "request_too_large")
+
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large(f"{request.content_length} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(f"more than {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _check_chars(self, chars: int, param: str, max_model_len: int) -> None:
+        """Refuse a text prompt too long to fit in any tokenisation, before tokenising it."""
+        limit = max_model_len * self.chars_per_token
+        if chars > limit:
+            raise _too_long(
+                param,
+                f"The prompt is {chars} characters long, and this model's maximum context "
+                f"length of {max_model_len} tokens holds at most {limit} characters (no token "
+                f"covers more than {self.chars_per_token}). Shorten the prompt.",
+            )
 
     async def _parse(
         self, raw: bytes, chat: bool, engine: AsyncEngine, tokenizer: PreTrainedTokenizerBase
@@ -628,33 +881,32 @@ class _Server:
             raise _bad("stream_options", "'stream_options' must be an object, with stream=true.")
         options = options or {}
         if chat:
-            prompt_ids = await self._chat_prompt(_chat_messages(body), tokenizer)
+            messages = _chat_messages(body)
+            chars = sum(len(m["role"]) + len(m["content"]) for m in messages)
+            self._check_chars(chars, "messages", engine.max_model_len)
+            for m in messages:
+                _check_unicode(m["role"] + m["content"], "messages")
+            prompt_ids = await self._chat_prompt(messages, tokenizer)
         else:
-            prompt_ids = await self._completion_prompt(body.get("prompt"), tokenizer)
+            prompt = _completion_prompt(body.get("prompt"))
+            if isinstance(prompt, str):
+                self._check_chars(len(prompt), "prompt", engine.max_model_len)
+                prompt_ids = await self._encode(prompt, tokenizer)
+            elif max(prompt) >= engine.vocab_size:  # the detokeniser cannot even hold it
+                message = f"Prompt token ids must be in [0, {engine.vocab_size}): the vocabulary."
+                raise _bad("prompt", message)
+            else:
+                prompt_ids = prompt
         params = _sampling_params(body, chat, len(prompt_ids), engine.max_model_len)
         return _Job(
             chat, prompt_ids, params, stream, options.get("include_usage") is True,
             options.get("continuous_usage_stats") is True,
         )  # fmt: skip
 
-    async def _completion_prompt(
-        self, prompt: object, tokenizer: PreTrainedTokenizerBase
-    ) -> list[int]:
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]
-        if isinstance(prompt, str) and prompt:
-            ids = await asyncio.get_running_loop().run_in_executor(
-                self.tokenize_pool, tokenizer.encode, prompt
-            )
-        elif _token_ids(prompt):
-            assert isinstance(prompt, list)
-            ids = prompt
-        else:
-            raise _bad(
-                "prompt",
-                "'prompt' must be a non-empty string or list of token ids, or a list holding "
-                "one of them (one prompt per request).",
-            )
+    async def _encode(self, prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        _check_unicode(prompt, "prompt")
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(self.tokenize_pool, tokenizer.encode, prompt)
         if not ids:
             raise _bad("prompt", "The prompt encodes to no tokens; send some text.")
         return list(ids)
@@ -690,19 +942,21 @@ class _Server:
             try:
                 text = await progress.next()
             except QueueFull as exc:
+                self.metrics.rejected("queue_full")
                 kind, code = "rate_limit_error", "rate_limit_exceeded"
-                raise ApiError(429, str(exc), None, code, kind) from exc
+                retry = {"Retry-After": str(RETRY_AFTER_S)}
+                raise ApiError(429, str(exc), None, code, kind, retry) from exc
             except ValueError as exc:  # the engine refused the prompt
                 raise _bad("messages" if job.chat else "prompt", str(exc)) from exc
             except EngineDeadError as exc:
-                raise ApiError(500, str(exc), kind="internal_server_error") from exc
+                raise self._engine_gone(exc) from exc
             try:
                 if job.stream:
                     return await self._stream(request, job, progress, text, headers)
                 while progress.finish_reason is None:
                     text += await progress.next()
             except EngineDeadError as exc:
-                raise ApiError(500, str(exc), kind="internal_server_error") from exc
+                raise self._engine_gone(exc) from exc
             finally:
                 if progress.finish_reason is None:
                     self.metrics.finished("abort")
@@ -763,7 +1017,7 @@ class _Server:
                 tail = _sse({**head, "choices": [], "usage": progress.usage(final=True)}) + tail
             await response.write(tail)
         except EngineDeadError as exc:
-            error = ApiError(500, str(exc), kind="internal_server_error")
+            error = self._engine_gone(exc)
             await response.write(_sse(error.body()) + b"data: [DONE]\n\n")
         except ConnectionResetError:  # the client went away; closing the outputs aborts
             return response
@@ -772,6 +1026,18 @@ class _Server:
 
 
 _SERVER = web.AppKey("server", _Server)
+
+# The routes, with the _Server method that answers each (runtime/openapi.py describes them).
+ROUTES_POST = {
+    "/v1/completions": "post_completions",
+    "/v1/chat/completions": "post_chat_completions",
+}
+ROUTES_GET = {
+    "/v1/models": "get_models",
+    "/health": "get_health",
+    "/metrics": "get_metrics",
+    "/openapi.json": "get_openapi",
+}
 
 
 def build_app(
@@ -783,15 +1049,24 @@ def build_app(
     """The server as an aiohttp application. `engine_factory` runs in a thread when the app
     starts; `max_waiting` (0: unbounded) caps requests waiting beyond those running (429)."""
     server = _Server(engine_factory, served_model_name, max_waiting, api_key)
-    app = web.Application(client_max_size=CLIENT_MAX_SIZE, middlewares=[server.authenticate])
+    # The body limit depends on the model's context length, known once it has loaded: the
+    # completion handlers enforce it (`_read_body`); no other route reads a body.
+    app = web.Application(middlewares=[server.openai_errors, server.authenticate])
     app[_SERVER] = server
     app.cleanup_ctx.append(server.lifecycle)
-    app.router.add_post("/v1/completions", server.post_completions)
-    app.router.add_post("/v1/chat/completions", server.post_chat_completions)
-    app.router.add_get("/v1/models", server.get_models)
-    app.router.add_get("/health", server.get_health)
-    app.router.add_get("/metrics", server.get_metrics)
+    for path, post in ROUTES_POST.items():
+        app.router.add_post(path, getattr(server, post))
+    for path, get in ROUTES_GET.items():
+        app.router.add_get(path, getattr(server, get))
     return app
+
+
+async def drain(app: web.Application, timeout_s: float, hurry: asyncio.Event | None = None) -> None:
+    """Shut `app` down gently: new completion requests get 503 (and /health turns 503) while
+    the socket stays open, those in flight get up to `timeout_s` (less if `hurry` is set) to
+    finish, and the engine is stopped, which ends the rest with an error (a stream's last
+    event, or a 503). Clean the runner up after it."""
+    await app[_SERVER].drain(timeout_s, hurry)
 
 
 async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
@@ -799,7 +1074,8 @@ async def start_server(app: web.Application, host: str, port: int) -> tuple[web.
     URL."""
     # Cancelling handlers on disconnect aborts a request at once, even one still queued or in
     # prefill, rather than at its next write. No access log: a line per request costs the loop
-    # time every stream waits for. A short shutdown timeout ends in-flight streams on SIGTERM.
+    # time every stream waits for. The shutdown timeout only lets responses that `drain` has
+    # just ended write their last bytes.
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
     try:
@@ -818,18 +1094,28 @@ async def serve(
     port: int = 8000,
     max_waiting: int = 0,
     api_key: str | None = None,
+    drain_timeout_s: float = 30.0,
 ) -> None:
-    """Serve until SIGTERM or SIGINT. Raises ModelLoadError if the model cannot be loaded, so
-    that a managed server exits instead of answering 503 forever."""
+    """Serve until SIGTERM or SIGINT, then drain for up to `drain_timeout_s` (see `drain`; a
+    second signal cuts it short). Raises ModelLoadError if the model cannot be loaded and
+    EngineFailedError if the engine fails while serving, so that a managed server exits
+    instead of answering 503 or 500 forever."""
+    warning = exposure_warning(host, api_key)
+    if warning is not None:
+        log.warning("%s", warning)
     app = build_app(engine_factory, served_model_name, max_waiting, api_key)
     runner, url = await start_server(app, host, port)
     log.info("listening on %s; loading the model", url)
     server = app[_SERVER]
     assert server.loading is not None
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     stopped = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait([stopped, server.loading], return_when=asyncio.FIRST_COMPLETED)
@@ -837,7 +1123,14 @@ async def serve(
             raise ModelLoadError(f"loading the model failed: {server.load_error!r}") from (
                 server.load_error
             )
+        if server.engine is not None:  # loaded, not stopped while loading
+            failed = asyncio.create_task(server.engine.wait_failed())
+            await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+            if failed.done():  # a dead engine has nothing to drain
+                raise EngineFailedError(str(failed.result())) from failed.result()
+            failed.cancel()
         await stopped
+        await drain(app, drain_timeout_s, hurry)
     finally:
         stopped.cancel()
         await runner.cleanup()

@@ -941,7 +941,7 @@ def test_cli_serves_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             _serve_cmd("--model", "tiny", "--port", str(port), "--max-model-len", "256",
-                       "--num-kv-blocks", "64"),
+                       "--num-kv-blocks", "64", "--drain-timeout-s", "1"),
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -959,7 +959,7 @@ def test_cli_serves_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
                                                "max_tokens": 4, "ignore_eos": True})  # fmt: skip
         assert reply.status == 200
         assert reply.body["usage"]["completion_tokens"] == 4
-        # SIGTERM with a stream in flight: the short shutdown timeout ends it.
+        # SIGTERM with a stream in flight: the drain gives it at most a second, then ends it.
         body = {"prompt": "The server", "max_tokens": 250, "ignore_eos": True, "stream": True}
         request = _post_request(url + "/v1/completions", body, None)
         in_flight = urllib.request.urlopen(request, timeout=TIMEOUT_S)

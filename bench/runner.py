@@ -530,11 +530,15 @@ def _run(
     if state.search is not None and state.search.probes:
         answer = state.search.result(complete=reason is None)
         capacity.write(answer, state.store.dir)
+    runs, requests = state.store.runs, state.store.requests
+    if resumed:  # the whole run, the kept rows first, as its files hold it
+        runs = [RunRecord(**r) for r in resumed.kept["runs"].to_pylist()] + runs
+        requests = [RequestRecord(**r) for r in resumed.kept["requests"].to_pylist()] + requests
     return RunResult(
         state.store.dir,
         "complete" if reason is None else "partial",
         reason,
-        state.store.runs,
-        state.store.requests,
+        runs,
+        requests,
         answer,
     )

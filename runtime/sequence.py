@@ -6,10 +6,12 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """OpenAI/vLLM sampling knobs; temperature 0 is greedy."""
+    """OpenAI/vLLM sampling knobs; temperature 0 (or below 1e-5) is greedy."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -25,6 +27,10 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature < GREEDY_BELOW_TEMPERATURE:
+            # Greedy, as vLLM's: logits divided by a subnormal overflow to inf, whose softmax
+            # is NaN, which no sampler can draw from.
+            object.__setattr__(self, "temperature", 0.0)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

@@ -119,9 +119,6 @@ BODY_MARGIN_BYTES = 64 * 1024  # the other fields: sampling parameters, stop str
 MAX_WAITING_FLOOR, MAX_WAITING_PER_SEQ = 256, 4
 RETRY_AFTER_S = 1  # a slot frees within about one request's decode
 REJECT_REASONS = ("queue_full", "draining")  # runtime:requests_rejected_total's reason label
-# Temperatures below this sample greedily, as vLLM's: dividing logits by a subnormal overflows
-# them to inf, and the softmax of that is NaN, which the engine's sampler cannot draw from.
-GREEDY_BELOW_TEMPERATURE = 1e-5
 # Prompt tokens decoded ahead of the output, so that tokenizers which drop a leading space at
 # the start of a decode (SentencePiece) still produce the output's first space (vLLM uses 5).
 DETOKENIZE_CONTEXT = 5
@@ -326,8 +323,6 @@ def _sampling_params(
     temperature = _float(body, "temperature", 1.0)
     if temperature < 0:
         raise _bad("temperature", f"'temperature' must be >= 0, got {temperature}.")
-    if temperature < GREEDY_BELOW_TEMPERATURE:
-        temperature = 0.0
     top_p = _float(body, "top_p", 1.0)
     if not 0 < top_p <= 1:
         raise _bad("top_p", f"'top_p' must be in (0, 1], got {top_p}.")

@@ -42,3 +42,12 @@ def test_unseeded_sampling_follows_the_engine_seed() -> None:
     flat = torch.zeros(4, 1000)
     assert Sampler(3)(flat, [1, 2, 3, 4], [p] * 4) == Sampler(3)(flat, [1, 2, 3, 4], [p] * 4)
     assert Sampler(3)(flat, [1, 2, 3, 4], [p] * 4) != Sampler(4)(flat, [1, 2, 3, 4], [p] * 4)
+
+
+def test_a_vanishing_temperature_takes_the_best_token_instead_of_nan() -> None:
+    # Dividing logits by 5e-324 would overflow them to inf and the softmax to NaN.
+    p = SamplingParams(temperature=5e-324)
+    assert p.temperature == 0.0
+    sampler = Sampler(0)
+    assert {sampler(LOGITS, [1, 2], [p, p])[0] for _ in range(20)} == {1}
+    assert sampler(LOGITS, [1, 2], [p, p])[1] == 2

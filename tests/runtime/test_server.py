@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from runtime.async_engine import EngineCore
+    from tests.runtime.conftest import ServeFake  # the fixtures' module imports this one
 
 MODEL = "fake"
 SENTENCE = "The quick brown fox jumps over the lazy dog"
@@ -186,41 +187,10 @@ def send_raw(url: str, path: str, body: dict[str, Any]) -> socket.socket:
     return sock
 
 
-@pytest.fixture(scope="module")
-def tok() -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
-    from runtime.tiny import ensure_tiny
-
-    return AutoTokenizer.from_pretrained(ensure_tiny(), local_files_only=True)
-
-
 @pytest.fixture
 def sentence_ids(tok: PreTrainedTokenizerBase) -> list[int]:
     ids: list[int] = tok.encode(SENTENCE)
     return ids
-
-
-ServeFake = Callable[..., tuple[Served, FakeCore]]
-
-
-@pytest.fixture
-def serve_fake(tok: PreTrainedTokenizerBase) -> Iterator[ServeFake]:
-    """serve_fake(max_waiting=.., api_key=.., **FakeCore kwargs) -> a healthy (Served, core)."""
-    servers: list[Served] = []
-
-    def start(
-        max_waiting: int = 0, api_key: str | None = None, **core_kwargs: Any
-    ) -> tuple[Served, FakeCore]:
-        core = FakeCore(**core_kwargs)
-        served = Served(lambda: (core, tok), max_waiting=max_waiting, api_key=api_key)
-        servers.append(served)
-        served.wait_healthy()
-        return served, core
-
-    yield start
-    for served in servers:
-        served.close()
 
 
 # --- loading, /health, /v1/models ------------------------------------------------------------

@@ -19,7 +19,6 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +36,7 @@ from runtime.server import (
     max_body_bytes,
     serve,
 )
-from tests.runtime.fake_core import FakeCore
+from tests.runtime.conftest import ServeFake
 from tests.runtime.test_server import (
     TIMEOUT_S,
     Reply,
@@ -80,39 +79,6 @@ class CountingTokenizer:
     def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
         return self._tok.apply_chat_template(*args, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def tok() -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
-    from runtime.tiny import ensure_tiny
-
-    return AutoTokenizer.from_pretrained(ensure_tiny(), local_files_only=True)
-
-
-Serve = Callable[..., tuple[Served, FakeCore]]
-
-
-@pytest.fixture
-def serve_fake(tok: PreTrainedTokenizerBase) -> Iterator[Serve]:
-    """serve_fake(max_waiting=.., api_key=.., tokenizer=.., **FakeCore kwargs) -> a healthy
-    (Served, core)."""
-    servers: list[Served] = []
-
-    def start(
-        max_waiting: int = 0, api_key: str | None = None, tokenizer: Any = None, **core: Any
-    ) -> tuple[Served, FakeCore]:
-        fake = FakeCore(**core)
-        served = Served(lambda: (fake, tokenizer or tok), max_waiting=max_waiting,
-                        api_key=api_key)  # fmt: skip
-        servers.append(served)
-        served.wait_healthy()
-        return served, fake
-
-    yield start
-    for served in servers:
-        served.close()
 
 
 def chars_per_token(tok: PreTrainedTokenizerBase) -> int:
@@ -163,7 +129,7 @@ def test_negative_limits_are_refused_with_exit_code_2(
 
 
 def test_a_refusal_past_max_waiting_says_when_to_retry_and_is_counted(
-    serve_fake: Serve,
+    serve_fake: ServeFake,
 ) -> None:
     served, _ = serve_fake(max_waiting=1, max_num_seqs=1, step_s=0.01, max_model_len=1024)
     url = served.url + COMPLETIONS
@@ -191,7 +157,7 @@ def test_a_refusal_past_max_waiting_says_when_to_retry_and_is_counted(
 
 
 def test_a_text_prompt_that_cannot_fit_is_400_without_being_tokenised(
-    serve_fake: Serve, tok: PreTrainedTokenizerBase
+    serve_fake: ServeFake, tok: PreTrainedTokenizerBase
 ) -> None:
     counting = CountingTokenizer(tok)
     served, core = serve_fake(tokenizer=counting, max_model_len=64)
@@ -214,7 +180,7 @@ def test_a_text_prompt_that_cannot_fit_is_400_without_being_tokenised(
 
 
 def test_a_token_id_prompt_longer_than_max_model_len_is_400_context_length_exceeded(
-    serve_fake: Serve,
+    serve_fake: ServeFake,
 ) -> None:
     served, core = serve_fake(max_model_len=64)
     for prompt in ([5] * 65, [[5] * 64]):  # past it; exactly it, which leaves no room
@@ -257,7 +223,7 @@ def _post_chunked(url: str, path: str, body: bytes) -> tuple[int, dict[str, Any]
 
 
 def test_a_body_over_the_cap_is_413_with_an_openai_error_before_anything_runs(
-    serve_fake: Serve,
+    serve_fake: ServeFake,
 ) -> None:
     served, core = serve_fake(max_model_len=256)
     cap = max_body_bytes(256)
@@ -270,7 +236,7 @@ def test_a_body_over_the_cap_is_413_with_an_openai_error_before_anything_runs(
     assert len(core.aborted) == 0 and not core.seqs
 
 
-def test_a_longer_context_takes_a_larger_body(serve_fake: Serve) -> None:
+def test_a_longer_context_takes_a_larger_body(serve_fake: ServeFake) -> None:
     served, _ = serve_fake(max_model_len=65_536)
     reply = post(served.url + COMPLETIONS, _padded(2 * 1024 * 1024))
     assert reply.status == 200 and reply.body["usage"]["completion_tokens"] == 2
@@ -287,7 +253,7 @@ def test_a_longer_context_takes_a_larger_body(serve_fake: Serve) -> None:
     ],
 )  # fmt: skip
 def test_bodies_that_break_a_parser_or_tokenizer_are_400_not_500(
-    serve_fake: Serve, path: str, body: bytes, param: str
+    serve_fake: ServeFake, path: str, body: bytes, param: str
 ) -> None:
     served, _ = serve_fake()
     assert assert_openai_error(post(served.url + path, body), 400)["param"] == param
@@ -311,7 +277,7 @@ def test_the_api_key_comes_from_vllm_api_key_unless_the_flag_gives_one(
 
 
 def test_with_a_key_health_metrics_and_openapi_stay_open_and_v1_is_guarded(
-    serve_fake: Serve,
+    serve_fake: ServeFake,
 ) -> None:
     served, _ = serve_fake(api_key="sekrit")
     assert get(served.url + "/health") == (200, "ok")
@@ -375,7 +341,7 @@ def test_serve_logs_the_warning_before_it_listens(
 # --- the published schema --------------------------------------------------------------------
 
 
-def test_openapi_json_describes_every_route_and_the_error_body(serve_fake: Serve) -> None:
+def test_openapi_json_describes_every_route_and_the_error_body(serve_fake: ServeFake) -> None:
     served, _ = serve_fake()
     reply = get_json(served.url + "/openapi.json")
     assert reply.status == 200
@@ -408,7 +374,7 @@ def test_openapi_json_describes_every_route_and_the_error_body(serve_fake: Serve
     [("GET", "/nope", 404), ("GET", COMPLETIONS, 405), ("POST", "/health", 405)],
 )
 def test_unknown_routes_and_methods_get_openai_errors(
-    serve_fake: Serve, method: str, path: str, status: int
+    serve_fake: ServeFake, method: str, path: str, status: int
 ) -> None:
     served, _ = serve_fake()
     data = b"{}" if method == "POST" else None
@@ -427,7 +393,9 @@ FUZZ_EXAMPLES = 100  # per route and mode: valid bodies, then bodies that break 
 
 
 @pytest.mark.slow
-def test_fuzzing_every_route_from_the_schema_finds_no_5xx_and_no_hang(serve_fake: Serve) -> None:
+def test_fuzzing_every_route_from_the_schema_finds_no_5xx_and_no_hang(
+    serve_fake: ServeFake,
+) -> None:
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
     from schemathesis import GenerationMode
@@ -483,7 +451,7 @@ def start_drain(
     return asyncio.run_coroutine_threadsafe(drain(app, timeout_s, hurry), served._loop)
 
 
-def test_a_drain_lets_requests_in_flight_finish_and_refuses_new_ones(serve_fake: Serve) -> None:
+def test_a_drain_lets_requests_in_flight_finish_and_refuses_new_ones(serve_fake: ServeFake) -> None:
     served, _ = serve_fake(step_s=0.005, max_model_len=1024)
     url = served.url + COMPLETIONS
     body = {"prompt": [5, 6, 7], "max_tokens": 200, "stream": True,
@@ -505,7 +473,7 @@ def test_a_drain_lets_requests_in_flight_finish_and_refuses_new_ones(serve_fake:
     assert metric(served.url, "runtime:requests_rejected_total", reason="draining") == 2
 
 
-def test_a_drain_ends_what_is_still_running_at_its_deadline(serve_fake: Serve) -> None:
+def test_a_drain_ends_what_is_still_running_at_its_deadline(serve_fake: ServeFake) -> None:
     served, _ = serve_fake(step_s=0.01, max_model_len=2048, num_kv_blocks=2048)
     url = served.url + COMPLETIONS
     body = {"prompt": [5, 6, 7], "max_tokens": 2000}
@@ -531,7 +499,7 @@ def test_a_drain_ends_what_is_still_running_at_its_deadline(serve_fake: Serve) -
     assert_openai_error(whole.result(TIMEOUT_S), 503)
 
 
-def test_hurry_cuts_a_drain_short(serve_fake: Serve) -> None:
+def test_hurry_cuts_a_drain_short(serve_fake: ServeFake) -> None:
     served, _ = serve_fake(step_s=0.01, max_model_len=2048, num_kv_blocks=1024)
     body = {"prompt": [5, 6, 7], "max_tokens": 2000, "stream": True}
     hurry = asyncio.Event()

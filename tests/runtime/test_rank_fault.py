@@ -14,7 +14,6 @@ import asyncio
 import http.client
 import json
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -28,10 +27,9 @@ import pytest
 from runtime.async_engine import AsyncEngine, EngineDeadError
 from runtime.sequence import SamplingParams
 from tests.runtime.fake_core import FakeCore
-from tests.runtime.test_server import free_port, get, metric, sse_data, wait_until
+from tests.runtime.test_server import metric, sse_data, start_cli, wait_until
 
 EXIT_S = 15.0  # from the kill to the server's exit
-STARTUP_S = 120.0  # two ranks import torch and load on a shared 2-core machine
 # Why the server does not exit yet; runtime/server.py's serve() is the place to fix it.
 
 
@@ -54,27 +52,10 @@ class TpServer:
 
 @pytest.fixture
 def tp_server(tmp_path: Path) -> Iterator[TpServer]:
-    port = free_port()
-    log = tmp_path / "serve.stderr"
-    command = [
-        sys.executable, "-m", "runtime", "serve", "--model", "tiny", "--tensor-parallel-size",
-        "2", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
-        "--num-kv-blocks", "64",
-    ]  # fmt: skip
-    with log.open("wb") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
-    server = TpServer(process, f"http://127.0.0.1:{port}", log)
-
-    def healthy() -> bool:
-        assert process.poll() is None, log.read_text()
-        try:
-            return get(server.url + "/health")[0] == 200
-        except OSError:  # not listening yet
-            return False
-
+    log = tmp_path / "serve.log"
+    process, url = start_cli(log, "--tensor-parallel-size", "2")
     try:
-        wait_until(healthy, STARTUP_S)
-        yield server
+        yield TpServer(process, url, log)
     finally:
         if process.poll() is None:
             process.kill()

@@ -904,27 +904,39 @@ def _serve_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "runtime", "serve", *args]
 
 
-@pytest.mark.slow
-def test_cli_serves_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
+def start_cli(log_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`python -m runtime serve --model tiny ...` with a small KV cache on a free loopback port,
+    its output in `log_path`, once healthy; killed if it never gets there."""
     port = free_port()
-    log_path = tmp_path / "serve.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             _serve_cmd("--model", "tiny", "--port", str(port), "--max-model-len", "256",
-                       "--num-kv-blocks", "64", "--drain-timeout-s", "1"),
+                       "--num-kv-blocks", "64", *args),
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert proc.poll() is None, log_path.read_text()
+        try:
+            return get(url + "/health")[0] == 200
+        except OSError:  # not listening yet
+            return False
+
     try:
-
-        def healthy() -> bool:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                return get(url + "/health")[0] == 200
-            except OSError:  # not listening yet
-                return False
-
         wait_until(healthy, timeout_s=120)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url
+
+
+@pytest.mark.slow
+def test_cli_serves_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
+    log_path = tmp_path / "serve.log"
+    proc, url = start_cli(log_path, "--drain-timeout-s", "1")
+    try:
         reply = post(url + "/v1/completions", {"model": "tiny", "prompt": "The server",
                                                "max_tokens": 4, "ignore_eos": True})  # fmt: skip
         assert reply.status == 200

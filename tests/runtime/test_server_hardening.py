@@ -15,7 +15,6 @@ import http.client
 import json
 import logging
 import signal
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -42,14 +41,13 @@ from tests.runtime.test_server import (
     Reply,
     Served,
     _post_request,
-    _serve_cmd,
     chunks,
-    free_port,
     get,
     get_json,
     metric,
     post,
     sse_data,
+    start_cli,
     wait_until,
 )
 
@@ -539,28 +537,6 @@ def test_a_subnormal_temperature_samples_greedily_instead_of_killing_the_engine(
         served.close()
 
 
-def _start_cli(log_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
-    """`python -m runtime serve --model tiny ...` on a free port, once healthy."""
-    port = free_port()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            _serve_cmd("--model", "tiny", "--port", str(port), "--max-model-len", "256",
-                       "--num-kv-blocks", "64", *args),
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        assert proc.poll() is None, log_path.read_text()
-        try:
-            return get(url + "/health")[0] == 200
-        except OSError:  # not listening yet
-            return False
-
-    wait_until(healthy, timeout_s=120)
-    return proc, url
-
-
 DRAINED_TOKENS = 240  # within --max-model-len 256
 
 
@@ -571,7 +547,7 @@ def test_sigterm_drains_a_stream_in_flight_refuses_new_requests_then_exits_0(
     log_path = tmp_path / "serve.log"
     # The stream takes a few hundred milliseconds on an idle machine and much longer on a busy
     # one: the drain's timeout leaves it all the time it needs.
-    proc, url = _start_cli(log_path, "--drain-timeout-s", "120")
+    proc, url = start_cli(log_path, "--drain-timeout-s", "120")
     try:
         options = {"include_usage": True, "continuous_usage_stats": True}
         body = {"prompt": "The server", "max_tokens": DRAINED_TOKENS, "ignore_eos": True,

@@ -108,7 +108,15 @@ def measure_clock(remote_now: Callable[[], float], rounds: int = 16) -> Clock:
     return best
 
 
-def split(level: LoadLevel, specs: list[RequestSpec], n: int, conversations: bool) -> list[Job]:
+@dataclass(frozen=True)
+class Share:
+    """One worker's share of a level: its part (which users, or its cap) and its requests."""
+
+    part: Part
+    specs: list[RequestSpec]
+
+
+def split(level: LoadLevel, specs: list[RequestSpec], n: int, conversations: bool) -> list[Share]:
     """The level's requests and users as up to n parts, in the same schedule one process keeps.
 
     Closed loop: user k goes to worker k mod n, and request i (a conversation, with its turns)
@@ -129,7 +137,7 @@ def split(level: LoadLevel, specs: list[RequestSpec], n: int, conversations: boo
             )
             for w in range(min(n, users))
         ]
-    return [Job(level, share, part, 0.0, 0.0, conversations, 0) for part, share in parts if share]
+    return [Share(part, share) for part, share in parts if share]
 
 
 def _divide(total: int, n: int) -> list[int | None]:
@@ -270,14 +278,16 @@ async def run_level_on(
     workers.sync_clocks()
     started_s = time.perf_counter() + workers.start_ahead_s
     jobs = [
-        dataclasses.replace(
-            job,
-            part=dataclasses.replace(job.part, started_s=workers.clocks[w].offset_s + started_s),
+        Job(
+            level=level,
+            specs=share.specs,
+            part=dataclasses.replace(share.part, started_s=workers.clocks[w].offset_s + started_s),
             ramp_up_s=ramp_up_s,
             think_time_s=think_time_s,
+            conversations=conversations,
             max_consecutive_connection_errors=max_consecutive_connection_errors,
         )
-        for w, job in enumerate(split(level, specs, n, conversations))
+        for w, share in enumerate(split(level, specs, n, conversations))
     ]
     by_index = {s.index: s for s in specs}
     outcome = LevelOutcome(started_s=started_s)

@@ -47,36 +47,36 @@ def test_a_closed_loop_level_splits_its_users_and_requests_without_loss(
     users: int, n: int, requests: int
 ) -> None:
     specs = _specs(requests)
-    jobs = workers.split(_closed(users), specs, n, conversations=False)
-    sent = sorted(s.index for job in jobs for s in job.specs)
+    shares = workers.split(_closed(users), specs, n, conversations=False)
+    sent = sorted(s.index for share in shares for s in share.specs)
     assert sent == list(range(requests))  # every request once
-    held = sorted(u for job in jobs for u in job.part.users)
+    held = sorted(u for share in shares for u in share.part.users)
     assert len(set(held)) == len(held) and set(held) <= set(range(users))
     if requests >= users:  # a worker is left out only when its users would have nothing to send
         assert held == list(range(users))
-    assert len(jobs) <= min(n, users)
-    for job in jobs:  # each worker's requests follow its share of the users
-        share = len(job.part.users) / users
-        assert abs(len(job.specs) - share * requests) <= len(job.part.users)
+    assert len(shares) <= min(n, users)
+    for share in shares:  # each worker's requests follow its share of the users
+        fraction = len(share.part.users) / users
+        assert abs(len(share.specs) - fraction * requests) <= len(share.part.users)
 
 
 def test_a_conversation_stays_on_one_worker() -> None:
     specs = _specs(30, turns=3)  # 10 conversations of 3 turns
-    jobs = workers.split(_closed(4), specs, 2, conversations=True)
-    for job in jobs:
-        groups = {s.group_id for s in job.specs}
-        assert sum(len([s for s in specs if s.group_id == g]) for g in groups) == len(job.specs)
-    assert {s.group_id for j in jobs for s in j.specs} == set(range(10))
+    shares = workers.split(_closed(4), specs, 2, conversations=True)
+    for share in shares:
+        groups = {s.group_id for s in share.specs}
+        assert sum(len([s for s in specs if s.group_id == g]) for g in groups) == len(share.specs)
+    assert {s.group_id for sh in shares for s in sh.specs} == set(range(10))
 
 
 def test_an_open_loop_level_keeps_one_schedule_and_divides_its_cap() -> None:
     specs = _specs(10, offsets=True)
-    jobs = workers.split(LoadLevel(0, 3, 8, 5, 20.0), specs, 2, conversations=False)
-    assert [s.offset_s for s in jobs[0].specs] == [s.offset_s for s in specs[0::2]]
-    assert [s.offset_s for s in jobs[1].specs] == [s.offset_s for s in specs[1::2]]
-    assert [j.part.cap for j in jobs] == [3, 2]
+    shares = workers.split(LoadLevel(0, 3, 8, 5, 20.0), specs, 2, conversations=False)
+    assert [s.offset_s for s in shares[0].specs] == [s.offset_s for s in specs[0::2]]
+    assert [s.offset_s for s in shares[1].specs] == [s.offset_s for s in specs[1::2]]
+    assert [sh.part.cap for sh in shares] == [3, 2]
     uncapped = workers.split(LoadLevel(0, 3, 8, None, 20.0), specs, 3, conversations=False)
-    assert [j.part.cap for j in uncapped] == [None] * 3
+    assert [sh.part.cap for sh in uncapped] == [None] * 3
 
 
 def test_a_remote_clock_offset_is_found_within_its_uncertainty() -> None:

@@ -43,8 +43,8 @@ def config_hash(cfg: BenchConfig) -> str:
 def recorded_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
     """The configuration `run_dir` was measured with, with the command line's other key=value
     settings on top (a masked target.api_key must be given again)."""
-    try:
-        runs = store.load(run_dir).runs
+    try:  # only what says how it was measured: `load` reads the whole run afterwards
+        runs = pd.read_parquet(run_dir / "runs.parquet", columns=["config_yaml"])
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise ConfigError(
             f"resume={run_dir}: not a run directory that can be read ({exc})"

@@ -338,21 +338,14 @@ def _check_turns(c: Mapping[str, Any], turns: int, think_time_s: float, num_requ
                 "scenario.turns is 1; set scenario.turns > 1 or scenario.think_time_s=0"
             )
         return
-    clash = [
-        key
-        for key, set_ in (
-            ("scenario.request_rate", c["request_rate"] is not None),
-            ("scenario.prefix_groups", c["prefix_groups"] != 0),
-            ("scenario.trace_path", c["trace_path"] is not None),
-            ("scenario.search", c["search"] is not None),
-        )
-        if set_
-    ]
-    if clash:
-        raise ConfigError(
-            f"scenario.turns: conversations (turns > 1) are a closed loop of users, each "
-            f"conversation its own group; unset {', '.join(clash)}"
-        )
+    _exclusive(
+        "scenario.turns: conversations (turns > 1) are a closed loop of users, each "
+        "conversation its own group",
+        ("scenario.request_rate", c["request_rate"] is not None),
+        ("scenario.prefix_groups", c["prefix_groups"] != 0),
+        ("scenario.trace_path", c["trace_path"] is not None),
+        ("scenario.search", c["search"] is not None),
+    )
     if num_requests % turns:
         raise ConfigError(
             f"scenario.num_requests: counts the turns of whole conversations, so expected a "
@@ -447,20 +440,19 @@ def _dataset_lengths(
 
 def _check_trace(c: Mapping[str, Any], dataset: DatasetConfig | None, groups: int) -> None:
     """A trace sets lengths, prompts and arrival times itself."""
-    clash = [
-        key
-        for key, set_ in (
-            ("scenario.dataset.path", dataset is not None),
-            ("scenario.prefix_groups", groups > 0),
-            ("scenario.search", c["search"] is not None),
-        )
-        if set_
-    ]
+    _exclusive(
+        "scenario.trace_path: a trace gives every request's prompt, lengths and send time",
+        ("scenario.dataset.path", dataset is not None),
+        ("scenario.prefix_groups", groups > 0),
+        ("scenario.search", c["search"] is not None),
+    )
+
+
+def _exclusive(why: str, *others: tuple[str, bool]) -> None:
+    """Refuse the keys of `others` that are set, which `why` rules out."""
+    clash = [key for key, is_set in others if is_set]
     if clash:
-        raise ConfigError(
-            f"scenario.trace_path: a trace gives every request's prompt, lengths and send time; "
-            f"unset {', '.join(clash)}"
-        )
+        raise ConfigError(f"{why}; unset {', '.join(clash)}")
 
 
 def _check_search(
